@@ -1,0 +1,139 @@
+"""Reproducible QEMU device ids: ``<type>-<uuid8>-pci-<slot>``.
+
+QEMU addresses devices by their ``id``; to remove a device later we must be
+able to rebuild that id from what we stored, without asking QEMU.  The id is
+made of the device type, the first group of the device's UUID and its slot,
+e.g. ``nic-9f3c2a1b-pci-5``.  Everything that goes in is validated so an id is
+always a legal QEMU id and two devices of one VM cannot share one.
+
+Also here: validation of the other names that end up in QEMU arguments (VM
+names, bus ids, driver names, extra properties).  These never reach an HMP
+command line; they travel as QMP JSON or as ``-device`` option values.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid as _uuid
+from typing import Mapping
+
+from .errors import (
+    InvalidBus,
+    InvalidDeviceId,
+    InvalidDeviceType,
+    InvalidDriver,
+    InvalidName,
+    InvalidProperty,
+    InvalidUUID,
+)
+from .slots import NUM_SLOTS, validate_slot
+
+__all__ = [
+    "device_id",
+    "parse_device_id",
+    "uuid8",
+    "validate_uuid",
+    "validate_dev_type",
+    "validate_vm_name",
+    "validate_bus",
+    "validate_driver",
+    "validate_props",
+    "PropValue",
+]
+
+PropValue = str | int | bool
+
+_DEV_TYPE_RE = re.compile(r"[a-z][a-z0-9]*")
+_UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.I)
+_DEVICE_ID_RE = re.compile(r"([a-z][a-z0-9]*)-([0-9a-f]{8})-pci-(0|[1-9][0-9]?)")
+_VM_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# QEMU ids: a letter, then letters, digits, '-', '.', '_' (qemu's id_wellformed).
+_QEMU_ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,127}")
+_DRIVER_RE = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
+_PROP_NAME_RE = re.compile(r"[a-z][A-Za-z0-9_.-]{0,63}")
+#: Properties kvmslots sets itself; a caller giving them would break the id/slot contract.
+RESERVED_PROPS = frozenset({"id", "bus", "addr", "driver", "multifunction"})
+MAX_DEV_TYPE = 16
+
+
+def validate_uuid(value: object) -> str:
+    """Return the canonical lowercase form of a UUID string, or raise :class:`InvalidUUID`."""
+    if not isinstance(value, str) or not _UUID_RE.fullmatch(value):
+        raise InvalidUUID(f"Not a UUID (8-4-4-4-12 hex digits): {value!r}")
+    return str(_uuid.UUID(value))
+
+
+def uuid8(value: str) -> str:
+    """The first dash-separated group of a UUID, lowercase."""
+    return validate_uuid(value).split("-", 1)[0]
+
+
+def validate_dev_type(value: object) -> str:
+    """A device type is ``[a-z][a-z0-9]*`` (no dash: the id must parse back)."""
+    if not isinstance(value, str) or not _DEV_TYPE_RE.fullmatch(value) or len(value) > MAX_DEV_TYPE:
+        raise InvalidDeviceType(
+            f"Device type must match [a-z][a-z0-9]* (at most {MAX_DEV_TYPE} characters), got {value!r}"
+        )
+    return value
+
+
+def device_id(dev_type: str, uuid: str, slot: int) -> str:
+    """Build the QEMU id of a device: ``device_id("nic", "9F3C2A1B-...", 5) == "nic-9f3c2a1b-pci-5"``."""
+    return f"{validate_dev_type(dev_type)}-{uuid8(uuid)}-pci-{validate_slot(slot)}"
+
+
+def parse_device_id(text: object) -> tuple[str, str, int]:
+    """Split a device id into ``(dev_type, uuid8, slot)``; :class:`InvalidDeviceId` otherwise."""
+    if not isinstance(text, str):
+        raise InvalidDeviceId(f"Device id must be a string, got {type(text).__name__}")
+    match = _DEVICE_ID_RE.fullmatch(text)
+    if not match or len(match.group(1)) > MAX_DEV_TYPE:
+        raise InvalidDeviceId(f"Not a kvmslots device id (<type>-<uuid8>-pci-<slot>): {text!r}")
+    slot = int(match.group(3))
+    if slot >= NUM_SLOTS:
+        raise InvalidDeviceId(f"Slot {slot} out of range 0-{NUM_SLOTS - 1} in device id {text!r}")
+    return match.group(1), match.group(2), slot
+
+
+def validate_vm_name(value: object) -> str:
+    """VM names become file names and log keys: ``[A-Za-z0-9][A-Za-z0-9._-]{0,63}``."""
+    if not isinstance(value, str) or not _VM_NAME_RE.fullmatch(value):
+        raise InvalidName(f"VM name must match [A-Za-z0-9][A-Za-z0-9._-]{{0,63}}, got {value!r}")
+    return value
+
+
+def validate_bus(value: object) -> str:
+    """A bus is named by its QEMU id (``pci.0``, or a bridge's id)."""
+    if not isinstance(value, str) or not _QEMU_ID_RE.fullmatch(value):
+        raise InvalidBus(f"PCI bus must be a QEMU bus id such as 'pci.0', got {value!r}")
+    return value
+
+
+def validate_driver(value: object) -> str:
+    """A QEMU device model name such as ``virtio-net-pci`` or ``vfio-pci``."""
+    if not isinstance(value, str) or not _DRIVER_RE.fullmatch(value):
+        raise InvalidDriver(f"QEMU driver must match [a-z][a-z0-9_.-]*, got {value!r}")
+    return value
+
+
+def validate_props(props: Mapping[str, object] | None) -> dict[str, PropValue]:
+    """Extra ``-device`` properties: safe names, scalar values, none of the reserved ones."""
+    if props is None:
+        return {}
+    if not isinstance(props, Mapping):
+        raise InvalidProperty(f"Device properties must be a mapping, got {type(props).__name__}")
+    clean: dict[str, PropValue] = {}
+    for name, value in props.items():
+        if not isinstance(name, str) or not _PROP_NAME_RE.fullmatch(name):
+            raise InvalidProperty(f"Bad device property name {name!r}")
+        if name in RESERVED_PROPS:
+            raise InvalidProperty(f"Device property {name!r} is set by kvmslots and cannot be given")
+        if isinstance(value, str):
+            if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+                raise InvalidProperty(f"Device property {name!r} has a control character")
+        elif not isinstance(value, (bool, int)):
+            raise InvalidProperty(
+                f"Device property {name!r} must be a string, integer or boolean, got {type(value).__name__}"
+            )
+        clean[name] = value
+    return clean

@@ -1,0 +1,227 @@
+"""The exception tree of kvmslots.
+
+Every error the package raises derives from :class:`KvmSlotsError`, so a
+lifecycle manager can catch one class and still tell the cases apart by
+subclass.  Errors that come from QEMU carry QEMU's own message in
+``qemu_message`` (and its error class in ``error_class``) so the operator sees
+what QEMU said, not only our interpretation of it.
+
+Validation errors also derive from :class:`ValueError`, because they are what
+a caller expects from a function handed a bad argument.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "KvmSlotsError",
+    "ValidationError",
+    "InvalidMask",
+    "InvalidSlot",
+    "InvalidDeviceId",
+    "InvalidUUID",
+    "InvalidDeviceType",
+    "InvalidName",
+    "InvalidBus",
+    "InvalidDriver",
+    "InvalidProperty",
+    "SlotError",
+    "SlotsExhausted",
+    "SlotOccupied",
+    "SlotReserved",
+    "StateError",
+    "UnknownVM",
+    "UnknownDevice",
+    "DeviceExists",
+    "StateConflict",
+    "StateImportError",
+    "MonitorError",
+    "MonitorUnavailable",
+    "MonitorConnectionLost",
+    "QemuCommandError",
+    "HotplugError",
+    "DeviceAddFailed",
+    "VerificationFailed",
+    "UnplugGuestError",
+    "TestVMError",
+    "GuestFilesMissing",
+    "GuestBootTimeout",
+]
+
+
+class KvmSlotsError(Exception):
+    """Root of every error raised by kvmslots."""
+
+
+# --- bad input -------------------------------------------------------------
+
+class ValidationError(KvmSlotsError, ValueError):
+    """An argument or a stored document is malformed; nothing was changed."""
+
+
+class InvalidMask(ValidationError):
+    """A reservation mask is not 32 characters of '0' and '1'."""
+
+
+class InvalidSlot(ValidationError):
+    """A slot number is not an integer in 0..31."""
+
+
+class InvalidDeviceId(ValidationError):
+    """A text is not a ``<type>-<uuid8>-pci-<slot>`` device id."""
+
+
+class InvalidUUID(ValidationError):
+    """A device UUID is not a canonical RFC 4122 UUID."""
+
+
+class InvalidDeviceType(ValidationError):
+    """A device type is not ``[a-z][a-z0-9]*`` (it becomes part of a QEMU id)."""
+
+
+class InvalidName(ValidationError):
+    """A VM name is empty, too long or has characters unsafe in paths and ids."""
+
+
+class InvalidBus(ValidationError):
+    """A PCI bus name is not a QEMU bus id."""
+
+
+class InvalidDriver(ValidationError):
+    """A QEMU device driver (model) name is malformed."""
+
+
+class InvalidProperty(ValidationError):
+    """An extra QEMU device property has a bad name or value."""
+
+
+# --- slots -----------------------------------------------------------------
+
+class SlotError(KvmSlotsError):
+    """A slot cannot be handed out."""
+
+
+class SlotsExhausted(SlotError):
+    """Every slot of the bus is masked, reserved or occupied."""
+
+    def __init__(self, bus: str | None = None) -> None:
+        self.bus = bus
+        where = f" on bus {bus}" if bus else ""
+        super().__init__(f"All PCI slots occupied{where}")
+
+
+class SlotOccupied(SlotError):
+    """The slot is already held (by one of our devices or one QEMU shows)."""
+
+    def __init__(self, slot: int, holder: str | None = None, bus: str | None = None) -> None:
+        self.slot = slot
+        self.holder = holder
+        self.bus = bus
+        text = f"Slot {slot} occupied"
+        if bus:
+            text += f" on bus {bus}"
+        if holder:
+            text += f" by {holder}"
+        super().__init__(text)
+
+
+class SlotReserved(SlotOccupied):
+    """The slot is reserved by the VM's mask and is never handed out."""
+
+    def __init__(self, slot: int, bus: str | None = None) -> None:
+        super().__init__(slot, "the reservation mask", bus)
+
+
+# --- stored state ----------------------------------------------------------
+
+class StateError(KvmSlotsError):
+    """The stored runtime state does not allow the operation."""
+
+
+class UnknownVM(StateError, LookupError):
+    """No VM of that name is stored."""
+
+
+class UnknownDevice(StateError, LookupError):
+    """The VM has no device with that UUID."""
+
+
+class DeviceExists(StateError):
+    """A device with that UUID (or the same uuid8) already belongs to the VM."""
+
+
+class StateConflict(StateError):
+    """The request contradicts what is stored (e.g. a different slot)."""
+
+
+class StateImportError(StateError, ValidationError):
+    """An exported runtime document is corrupted, foreign or of another version."""
+
+
+# --- QEMU monitor ------------------------------------------------------------
+
+class MonitorError(KvmSlotsError):
+    """Talking to QEMU's QMP monitor failed."""
+
+
+class MonitorUnavailable(MonitorError):
+    """The QMP socket could not be connected to (after retrying)."""
+
+
+class MonitorConnectionLost(MonitorError):
+    """The QMP connection dropped in the middle of an operation."""
+
+
+class QemuCommandError(MonitorError):
+    """QEMU answered a command with an error; ``qemu_message`` is its text."""
+
+    def __init__(self, command: str, qemu_message: str, error_class: str | None = None) -> None:
+        self.command = command
+        self.qemu_message = qemu_message
+        self.error_class = error_class
+        super().__init__(f"{command} failed: {qemu_message}")
+
+
+# --- hotplug -----------------------------------------------------------------
+
+class HotplugError(KvmSlotsError):
+    """A hot add or hot remove did not complete; the state was rolled back."""
+
+    qemu_message: str | None = None
+
+
+class DeviceAddFailed(HotplugError):
+    """``device_add`` failed or its result could not be confirmed."""
+
+    def __init__(self, message: str, qemu_message: str | None = None) -> None:
+        self.qemu_message = qemu_message
+        super().__init__(message if not qemu_message else f"{message}: {qemu_message}")
+
+
+class VerificationFailed(DeviceAddFailed):
+    """QEMU accepted ``device_add`` but ``query-pci`` does not show the device where asked."""
+
+
+class UnplugGuestError(HotplugError):
+    """The guest refused the unplug (``DEVICE_UNPLUG_GUEST_ERROR``); the device stays."""
+
+    def __init__(self, device_id: str, detail: str = "") -> None:
+        self.device_id = device_id
+        self.qemu_message = detail or None
+        text = f"The guest refused to unplug {device_id}"
+        super().__init__(text + (f": {detail}" if detail else ""))
+
+
+# --- disposable test VMs -----------------------------------------------------
+
+class TestVMError(KvmSlotsError):
+    """A disposable test VM could not be started or driven."""
+
+    __test__ = False  # not a pytest test class despite the name
+
+
+class GuestFilesMissing(TestVMError):
+    """The tiny guest's kernel or initramfs has not been built."""
+
+
+class GuestBootTimeout(TestVMError):
+    """The guest did not reach its shell in time."""

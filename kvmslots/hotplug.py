@@ -1,0 +1,447 @@
+"""Boot planning, hot add, hot remove and reconcile: the two-phase orchestration.
+
+Each operation follows one rule: persist the intent, act on QEMU, verify,
+commit; undo in reverse on failure.  Occupancy always comes from both
+sources at once, our records (which know about devices being attached or
+detached right now) and QEMU's live ``query-pci`` (which knows about devices
+someone else added), plus the VM's reservation mask.  A slot is free only if
+all three agree, and becomes free again only when removal is confirmed.
+
+These coroutines take a :class:`~kvmslots.store.Store` and a monitor as
+arguments (anything that implements :class:`~kvmslots.monitor.MonitorLike`),
+so a lifecycle manager can hand in its own connection and tests can hand in
+a fault-injecting one.  :mod:`kvmslots.sync` wraps them for callers that are
+not async.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from .devid import validate_uuid
+from .errors import (
+    DeviceAddFailed,
+    DeviceExists,
+    HotplugError,
+    MonitorConnectionLost,
+    MonitorError,
+    QemuCommandError,
+    SlotOccupied,
+    StateConflict,
+    UnplugGuestError,
+    VerificationFailed,
+)
+from .model import Device, DeviceSpec, DeviceState, VMSpec
+from .monitor import MonitorLike
+from .pciview import PciFunction, PciOccupancy
+from .slots import SlotMap
+from .store import Store, Transaction
+
+__all__ = [
+    "BootPlan",
+    "HotDelStatus",
+    "HotDelResult",
+    "ReconcileReport",
+    "plan_boot",
+    "hot_add",
+    "hot_del",
+    "reconcile",
+]
+
+log = logging.getLogger(__name__)
+
+#: How often hot_add retries when a slot it chose was taken behind its back in the meantime.
+_RACE_RETRIES = 3
+#: QEMU's message when device_add hits a taken slot (``PCI: slot 5 function 0 not available for ...``).
+_SLOT_TAKEN_TEXT = "not available for"
+
+
+# --------------------------------------------------------------------------- boot
+
+
+@dataclass(frozen=True)
+class BootPlan:
+    """The result of :func:`plan_boot`: devices with slots, and the QEMU arguments."""
+
+    vm: VMSpec
+    devices: tuple[Device, ...]
+    dropped: tuple[Device, ...] = ()
+
+    @property
+    def qemu_args(self) -> list[str]:
+        """``["-device", "virtio-net-pci,id=nic-9f3c2a1b-pci-4,bus=pci.0,addr=0x4", ...]``."""
+        args: list[str] = []
+        for device in self.devices:
+            args += ["-device", device.device_option()]
+        return args
+
+
+async def plan_boot(store: Store, vm: VMSpec | str, devices: Sequence[DeviceSpec]) -> BootPlan:
+    """Give every device of a VM that is about to boot its slot, and persist the plan.
+
+    A device keeps the slot stored for it (or the slot its spec asks for);
+    a stored slot that the mask reserves or another device holds is an error.
+    The others get the first free slots, in the order given.  The list is the
+    VM's whole device set: stored devices not in it are dropped.  Planning
+    the same devices again gives the same slots, ids and arguments.
+    """
+    specs = list(devices)
+    _check_unique_uuids(specs)
+    with store.transaction() as txn:
+        if isinstance(vm, str):
+            vm = txn.get_vm(vm)
+        stored = {device.uuid: device for device in txn.devices(vm.name)}
+        maps: dict[str, SlotMap] = {}
+        holders: dict[tuple[str, int], str] = {}
+
+        def slot_map(bus: str) -> SlotMap:
+            if bus not in maps:
+                maps[bus] = SlotMap(vm.mask_for(bus), bus=bus)
+            return maps[bus]
+
+        chosen: dict[str, int] = {}
+        for spec in specs:  # first the devices whose slot is fixed
+            old = stored.get(spec.uuid)
+            slot = spec.slot
+            if old is not None and old.bus == spec.bus:
+                if slot is not None and slot != old.slot:
+                    raise StateConflict(
+                        f"Device {spec.uuid} asks for slot {slot} but is stored at slot {old.slot} ({old.qemu_id})"
+                    )
+                slot = old.slot
+            if slot is not None:
+                slot_map(spec.bus).reserve(slot, holders.get((spec.bus, slot)))
+                holders[(spec.bus, slot)] = spec.uuid
+                chosen[spec.uuid] = slot
+        for spec in specs:  # then the rest, first free slot wins
+            if spec.uuid not in chosen:
+                chosen[spec.uuid] = slot_map(spec.bus).reserve()
+        planned = [Device.from_spec(spec, chosen[spec.uuid], DeviceState.PLANNED) for spec in specs]
+        _check_unique_ids(planned)
+        dropped = [device for uuid, device in stored.items() if uuid not in chosen]
+        txn.put_vm(vm)
+        for device in stored.values():
+            txn.remove_device(vm.name, device.uuid)
+        for device in planned:
+            txn.add_device(vm.name, device)
+    return BootPlan(vm, tuple(planned), tuple(dropped))
+
+
+def _check_unique_uuids(specs: Sequence[DeviceSpec]) -> None:
+    seen: set[str] = set()
+    for spec in specs:
+        if spec.uuid in seen:
+            raise DeviceExists(f"Device UUID {spec.uuid} is listed twice")
+        seen.add(spec.uuid)
+
+
+def _check_unique_ids(devices: Sequence[Device]) -> None:
+    seen: set[str] = set()
+    for device in devices:
+        if device.qemu_id in seen:
+            raise DeviceExists(
+                f"Two devices would get the id {device.qemu_id} (same type, first UUID group and slot)"
+            )
+        seen.add(device.qemu_id)
+
+
+# --------------------------------------------------------------------------- hot add
+
+
+async def hot_add(store: Store, monitor: MonitorLike, vm: str, spec: DeviceSpec, *, undo_timeout: float = 5.0) -> Device:
+    """Hot-plug *spec* into running VM *vm*; return the attached device.
+
+    occupied = QEMU's live view + our records + the mask; the first free slot
+    (or ``spec.slot``) is persisted as ``attaching`` before ``device_add``, then
+    verified in ``query-pci`` and persisted as ``attached``.  On failure the
+    device is removed again if QEMU took it and the slot is released, and a
+    :class:`DeviceAddFailed` carrying QEMU's message is raised.
+    """
+    for attempt in range(_RACE_RETRIES + 1):
+        view = await monitor.pci()
+        device, bus_number = _reserve_for_add(store, vm, spec, view)
+        try:
+            await monitor.device_add(device.qmp_arguments())
+        except QemuCommandError as exc:
+            _forget(store, vm, device)
+            if spec.slot is None and _SLOT_TAKEN_TEXT in exc.qemu_message and attempt < _RACE_RETRIES:
+                log.warning("Slot %d of %s was taken behind our back; choosing again", device.slot, vm)
+                continue
+            raise DeviceAddFailed(
+                f"QEMU refused device_add of {device.qemu_id} at {device.bus} slot {device.slot}", exc.qemu_message
+            ) from exc
+        except MonitorConnectionLost as exc:
+            raise await _undo_unknown(store, monitor, vm, device, undo_timeout, exc) from exc
+        break
+    try:
+        live = (await monitor.pci()).find(device.qemu_id)
+    except MonitorError as exc:
+        raise await _undo_unknown(store, monitor, vm, device, undo_timeout, exc) from exc
+    if live is None or (live.bus, live.slot) != (bus_number, device.slot):
+        where = "absent" if live is None else f"at bus {live.bus} slot {live.slot}"
+        failure = VerificationFailed(
+            f"QEMU accepted {device.qemu_id} but query-pci shows it {where}, not at bus {bus_number} slot {device.slot}"
+        )
+        raise await _undo_added(store, monitor, vm, device, undo_timeout, failure)
+    with store.transaction() as txn:
+        txn.set_state(vm, device.uuid, DeviceState.ATTACHED)
+    return device.with_state(DeviceState.ATTACHED)
+
+
+def _reserve_for_add(store: Store, vm: str, spec: DeviceSpec, view: PciOccupancy) -> tuple[Device, int]:
+    """Phase one of a hot add: choose and persist the slot, in one write transaction."""
+    bus_number = view.bus_number(spec.bus)
+    live_slots = view.slots(bus_number)
+    with store.transaction() as txn:
+        vm_spec = txn.get_vm(vm)
+        existing = txn.find_device(vm, spec.uuid)
+        if existing is not None:
+            raise DeviceExists(f"VM {vm!r} already has device {spec.uuid} as {existing.qemu_id} ({existing.state})")
+        ours = [d for d in txn.devices(vm) if d.bus == spec.bus]
+        slot_map = SlotMap(vm_spec.mask_for(spec.bus), bus=spec.bus)
+        slot_map.occupy(d.slot for d in ours)
+        slot_map.occupy(live_slots)
+        if spec.slot is not None and not slot_map.is_free(spec.slot) and not slot_map.is_masked(spec.slot):
+            holder = next((d.qemu_id for d in ours if d.slot == spec.slot), None)
+            if holder is None:
+                holder = _describe_live(view.at(bus_number, spec.slot))
+            raise SlotOccupied(spec.slot, holder, spec.bus)
+        slot = slot_map.reserve(spec.slot)
+        device = Device.from_spec(spec, slot, DeviceState.ATTACHING)
+        txn.add_device(vm, device)
+    return device, bus_number
+
+
+def _describe_live(functions: list[PciFunction]) -> str:
+    if not functions:
+        return "a device QEMU shows"
+    first = functions[0]
+    name = f"id {first.qdev_id!r}" if first.qdev_id else "no id"
+    return f"{first.description or 'a device'} in QEMU ({name})"
+
+
+def _forget(store: Store, vm: str, device: Device) -> None:
+    with store.transaction() as txn:
+        txn.remove_device(vm, device.uuid)
+
+
+async def _undo_added(
+    store: Store, monitor: MonitorLike, vm: str, device: Device, timeout: float, failure: DeviceAddFailed
+) -> DeviceAddFailed:
+    """QEMU has the device but the add failed: remove it, then release the slot.
+
+    If the guest does not confirm the removal in time the device is left
+    ``detaching`` (its slot stays taken) and the error says so.
+    """
+    try:
+        deleted = await monitor.device_del(device.qemu_id, timeout)
+    except QemuCommandError as exc:
+        deleted = exc.error_class == "DeviceNotFound"
+    except (MonitorError, HotplugError) as exc:
+        log.error("Could not undo %s: %s", device.qemu_id, exc)
+        deleted = False
+    if deleted:
+        _forget(store, vm, device)
+        return failure
+    with store.transaction() as txn:
+        txn.set_state(vm, device.uuid, DeviceState.DETACHING)
+    return type(failure)(
+        f"{failure}; its removal is not confirmed yet, so slot {device.slot} stays reserved "
+        "until DEVICE_DELETED arrives (hot_del or reconcile finishes it)",
+        failure.qemu_message,
+    )
+
+
+async def _undo_unknown(
+    store: Store, monitor: MonitorLike, vm: str, device: Device, timeout: float, cause: Exception
+) -> DeviceAddFailed:
+    """The connection dropped after ``device_add`` was sent: find out what QEMU did, then undo.
+
+    If we cannot reconnect we cannot know, so the device stays ``attaching``
+    (its slot taken) and :func:`reconcile` settles it later.
+    """
+    reconnect = getattr(monitor, "reconnect", None)
+    if reconnect is not None:
+        try:
+            await reconnect()
+            live = (await monitor.pci()).find(device.qemu_id)
+        except MonitorError as exc:
+            log.error("Reconnect after a lost connection failed: %s", exc)
+        else:
+            failure = DeviceAddFailed(f"QMP connection lost while adding {device.qemu_id}: {cause}")
+            if live is None:
+                _forget(store, vm, device)
+                return failure
+            return await _undo_added(store, monitor, vm, device, timeout, failure)
+    return DeviceAddFailed(
+        f"QMP connection lost while adding {device.qemu_id}: {cause}; the device is left 'attaching' "
+        f"with slot {device.slot} reserved until reconcile() sees what QEMU did"
+    )
+
+
+# --------------------------------------------------------------------------- hot remove
+
+
+class HotDelStatus(str, enum.Enum):
+    REMOVED = "removed"
+    PENDING = "pending"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class HotDelResult:
+    """Outcome of :func:`hot_del`: ``removed`` (slot released) or ``pending`` (slot still taken)."""
+
+    status: HotDelStatus
+    device: Device
+
+    @property
+    def removed(self) -> bool:
+        return self.status is HotDelStatus.REMOVED
+
+    @property
+    def pending(self) -> bool:
+        return self.status is HotDelStatus.PENDING
+
+
+async def hot_del(store: Store, monitor: MonitorLike, vm: str, device_uuid: str, *, timeout: float = 5.0) -> HotDelResult:
+    """Hot-unplug a device and release its slot once QEMU confirms the removal.
+
+    The device is persisted as ``detaching``, ``device_del`` is sent with the id
+    rebuilt from the stored slot, and we wait for ``DEVICE_DELETED`` of exactly
+    that id.  Confirmed: the device is forgotten.  Timeout: ``pending`` is
+    returned and the slot stays taken.  Guest refusal: :class:`UnplugGuestError`
+    and the device stays attached.
+    """
+    uuid = validate_uuid(device_uuid)
+    with store.transaction() as txn:
+        txn.get_vm(vm)
+        device = txn.get_device(vm, uuid)
+        if device.state is DeviceState.ATTACHING:
+            raise StateConflict(f"{device.qemu_id} is still being attached; retry, or run reconcile after a crash")
+        txn.set_state(vm, uuid, DeviceState.DETACHING)
+    previous = device.state
+    device = device.with_state(DeviceState.DETACHING)
+    try:
+        deleted = await monitor.device_del(device.qemu_id, timeout)
+    except QemuCommandError as exc:
+        if exc.error_class == "DeviceNotFound" and (await monitor.pci()).find(device.qemu_id) is None:
+            deleted = True  # QEMU does not have it (already ejected, or never booted with it)
+        else:
+            _restore(store, vm, uuid, previous)
+            raise HotplugError(f"QEMU refused device_del of {device.qemu_id}: {exc.qemu_message}") from exc
+    except UnplugGuestError:
+        _restore(store, vm, uuid, DeviceState.ATTACHED)
+        raise
+    if not deleted:
+        return HotDelResult(HotDelStatus.PENDING, device)
+    _forget(store, vm, device)
+    return HotDelResult(HotDelStatus.REMOVED, device)
+
+
+def _restore(store: Store, vm: str, uuid: str, state: DeviceState) -> None:
+    with store.transaction() as txn:
+        txn.set_state(vm, uuid, state)
+
+
+# --------------------------------------------------------------------------- reconcile
+
+
+@dataclass
+class ReconcileReport:
+    """What :func:`reconcile` found and repaired; lists of QEMU ids unless said."""
+
+    vm: str
+    attached: list[str] = field(default_factory=list)  # attaching/planned and present -> attached
+    released: list[str] = field(default_factory=list)  # attaching or detaching and gone -> slot freed
+    lost: list[str] = field(default_factory=list)  # attached but gone -> slot freed (someone removed it)
+    pending: list[str] = field(default_factory=list)  # detaching and still present
+    not_running: list[str] = field(default_factory=list)  # planned and absent (VM not booted with it yet)
+    misplaced: list[str] = field(default_factory=list)  # present at another bus/slot than recorded
+    unknown: list[dict[str, Any]] = field(default_factory=list)  # live devices we did not place
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.attached or self.released or self.lost)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "vm": self.vm,
+            "attached": self.attached,
+            "released": self.released,
+            "lost": self.lost,
+            "pending": self.pending,
+            "not_running": self.not_running,
+            "misplaced": self.misplaced,
+            "unknown": self.unknown,
+        }
+
+
+async def reconcile(store: Store, monitor: MonitorLike, vm: str) -> ReconcileReport:
+    """Compare our records with QEMU's live view and repair what a crash or a lost event left.
+
+    attaching/planned and present -> attached; attaching and absent -> released;
+    detaching and gone -> released; attached and gone -> released and reported
+    as lost; live devices we do not know are reported (hot_add treats their
+    slots as taken anyway).
+    """
+    view = await monitor.pci()
+    report = ReconcileReport(vm)
+    with store.transaction() as txn:
+        vm_spec = txn.get_vm(vm)
+        devices = txn.devices(vm)
+        for device in devices:
+            _reconcile_device(txn, vm, device, view, report)
+        report.unknown = _unknown_devices(vm_spec, devices, view)
+    return report
+
+
+def _reconcile_device(txn: Transaction, vm: str, device: Device, view: PciOccupancy, report: ReconcileReport) -> None:
+    live = view.find(device.qemu_id)
+    if live is not None:
+        try:
+            expected_bus = view.bus_number(device.bus)
+        except (MonitorError, ValueError):
+            expected_bus = None
+        if (live.bus, live.slot) != (expected_bus, device.slot):
+            report.misplaced.append(device.qemu_id)
+            return
+    state, qid = device.state, device.qemu_id
+    if live is not None:
+        if state in (DeviceState.PLANNED, DeviceState.ATTACHING):
+            txn.set_state(vm, device.uuid, DeviceState.ATTACHED)
+            report.attached.append(qid)
+        elif state is DeviceState.DETACHING:
+            report.pending.append(qid)
+    elif state is DeviceState.PLANNED:
+        report.not_running.append(qid)
+    else:
+        txn.remove_device(vm, device.uuid)
+        (report.lost if state is DeviceState.ATTACHED else report.released).append(qid)
+
+
+def _unknown_devices(vm: VMSpec, devices: Sequence[Device], view: PciOccupancy) -> list[dict[str, Any]]:
+    ours = {device.qemu_id for device in devices}
+    bridges = {f.secondary_bus: f.qdev_id for f in view.functions if f.secondary_bus and f.qdev_id}
+    unknown = []
+    for function in view.functions:
+        if function.qdev_id and function.qdev_id in ours:
+            continue
+        bus_name = "pci.0" if function.bus == 0 else bridges.get(function.bus)
+        if bus_name is not None and SlotMap(vm.mask_for(bus_name)).is_masked(function.slot):
+            continue
+        unknown.append(
+            {
+                "bus": function.bus,
+                "slot": function.slot,
+                "function": function.function,
+                "qdev_id": function.qdev_id,
+                "description": function.description,
+            }
+        )
+    return unknown

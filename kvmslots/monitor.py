@@ -1,0 +1,177 @@
+"""A VM's QMP monitor, as kvmslots needs it.
+
+Thin on purpose: connect (retrying while QEMU has not created the socket
+yet, or while another client holds the monitor), read the PCI view, add a
+device, delete a device and wait for *its* ``DEVICE_DELETED``.  Every command
+travels as QMP JSON; the only HMP command sent is the fixed ``info pci``, and
+never with user input in it.
+
+qemu.qmp's errors are translated into kvmslots' own: a command QEMU refuses
+becomes :class:`~kvmslots.errors.QemuCommandError` carrying QEMU's message
+and error class, a dropped connection becomes
+:class:`~kvmslots.errors.MonitorConnectionLost`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping, Protocol
+
+import tenacity
+from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, ExecuteError, QMPClient, QMPError
+
+from .errors import MonitorConnectionLost, MonitorUnavailable, QemuCommandError, UnplugGuestError
+from .pciview import PciOccupancy, parse_info_pci, parse_query_pci
+
+__all__ = ["Monitor", "MonitorLike", "ALREADY_UNPLUGGING"]
+
+log = logging.getLogger(__name__)
+
+#: QEMU's answer to a second ``device_del`` while one is pending.
+ALREADY_UNPLUGGING = "already in the process of unplug"
+
+
+class MonitorLike(Protocol):
+    """What the orchestration needs from a monitor (a fake for fault injection implements this)."""
+
+    async def pci(self) -> PciOccupancy: ...
+
+    async def device_add(self, arguments: Mapping[str, Any]) -> None: ...
+
+    async def device_del(self, qdev_id: str, timeout: float) -> bool: ...
+
+
+class Monitor:
+    """One QMP connection to one VM.
+
+    Use as ``async with Monitor(path) as mon: ...``.  A single QMP socket
+    serves one client at a time, so hold the connection only as long as needed.
+    """
+
+    def __init__(self, address: str | os.PathLike[str], *, connect_timeout: float = 30.0) -> None:
+        self.address = str(Path(address))
+        self.connect_timeout = connect_timeout
+        self._qmp = QMPClient("kvmslots")
+        self._has_query_pci: bool | None = None
+
+    async def __aenter__(self) -> "Monitor":
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        """Connect, retrying with backoff until *connect_timeout*; :class:`MonitorUnavailable` then."""
+        retrying = tenacity.AsyncRetrying(
+            stop=tenacity.stop_after_delay(self.connect_timeout),
+            wait=tenacity.wait_exponential(multiplier=0.02, max=0.5),
+            retry=tenacity.retry_if_exception_type((ConnectError, OSError, asyncio.TimeoutError)),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    # A monitor busy with another client accepts the socket but sends no
+                    # greeting until that client leaves: bound each attempt.
+                    await asyncio.wait_for(self._qmp.connect(self.address), timeout=max(1.0, self.connect_timeout / 4))
+        except (ConnectError, OSError, asyncio.TimeoutError) as exc:
+            raise MonitorUnavailable(
+                f"Cannot connect to the QMP monitor at {self.address} within {self.connect_timeout:g}s: "
+                f"{_cause(exc)} (is the VM running with -qmp unix:{self.address},server=on,wait=off?)"
+            ) from exc
+
+    async def reconnect(self) -> None:
+        """Drop whatever is left of the connection and connect again (after a lost connection)."""
+        await self.close()
+        self._qmp = QMPClient("kvmslots")
+        await self.connect()
+
+    async def close(self) -> None:
+        """Disconnect; a connection that already died is not an error here."""
+        try:
+            await self._qmp.disconnect()
+        except (EOFError, OSError, QMPError) as exc:
+            log.debug("QMP disconnect from %s: %r", self.address, exc)
+
+    async def execute(self, command: str, arguments: Mapping[str, Any] | None = None) -> Any:
+        """Run one QMP command; QEMU's refusal and a lost connection become typed errors."""
+        try:
+            return await self._qmp.execute(command, dict(arguments) if arguments else None)
+        except ExecuteError as exc:
+            raise QemuCommandError(command, str(exc), exc.error_class) from None
+        except (ExecInterruptedError, EOFError, ConnectionError, QMPError) as exc:
+            raise MonitorConnectionLost(f"QMP connection to {self.address} lost during {command}: {exc!r}") from exc
+
+    async def query_pci(self) -> PciOccupancy:
+        return parse_query_pci(await self.execute("query-pci"))
+
+    async def info_pci(self) -> PciOccupancy:
+        text = await self.execute("human-monitor-command", {"command-line": "info pci"})
+        return parse_info_pci(text)
+
+    async def pci(self) -> PciOccupancy:
+        """The live PCI view: ``query-pci``, or ``info pci`` where QEMU lacks it."""
+        if self._has_query_pci is not False:
+            try:
+                view = await self.query_pci()
+                self._has_query_pci = True
+                return view
+            except QemuCommandError as exc:
+                if exc.error_class != "CommandNotFound":
+                    raise
+                self._has_query_pci = False
+                log.info("query-pci not available at %s; falling back to info pci", self.address)
+        return await self.info_pci()
+
+    async def device_add(self, arguments: Mapping[str, Any]) -> None:
+        await self.execute("device_add", arguments)
+
+    async def device_del(self, qdev_id: str, timeout: float) -> bool:
+        """Ask QEMU to unplug *qdev_id* and wait for its ``DEVICE_DELETED``.
+
+        Returns True when removal is confirmed, False when *timeout* passed
+        first (the guest has not ejected it yet).  A ``device_del`` already
+        pending is waited on again.  ``DEVICE_UNPLUG_GUEST_ERROR`` raises
+        :class:`UnplugGuestError`; an unknown id raises ``QemuCommandError``
+        with error class ``DeviceNotFound``.
+        """
+
+        def ours(event: Mapping[str, Any]) -> bool:
+            # virtio devices first emit DEVICE_DELETED for their backend child, with a path and no id.
+            return (event.get("data") or {}).get("device") == qdev_id
+
+        listener = EventListener(("DEVICE_DELETED", "DEVICE_UNPLUG_GUEST_ERROR"), ours)
+        with self._qmp.listen(listener):  # registered before the command: the event cannot slip by
+            try:
+                await self.execute("device_del", {"id": qdev_id})
+            except QemuCommandError as exc:
+                if ALREADY_UNPLUGGING not in exc.qemu_message:
+                    raise
+            try:
+                event = await asyncio.wait_for(listener.get(), timeout)
+            except asyncio.TimeoutError:
+                return False
+        if event["event"] == "DEVICE_UNPLUG_GUEST_ERROR":
+            raise UnplugGuestError(qdev_id, "QEMU reported DEVICE_UNPLUG_GUEST_ERROR")
+        return True
+
+    async def wait_deleted(self, qdev_ids: set[str], timeout: float | None = None) -> str | None:
+        """Wait for the ``DEVICE_DELETED`` of any of *qdev_ids*; return that id, or None on timeout."""
+        listener = EventListener(
+            "DEVICE_DELETED", lambda event: (event.get("data") or {}).get("device") in qdev_ids
+        )
+        with self._qmp.listen(listener):
+            try:
+                event = await asyncio.wait_for(listener.get(), timeout)
+            except asyncio.TimeoutError:
+                return None
+        return str(event["data"]["device"])
+
+
+def _cause(exc: BaseException) -> str:
+    inner = getattr(exc, "exc", None) or exc.__cause__
+    return f"{inner!r}" if inner else f"{exc!r}"

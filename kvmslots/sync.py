@@ -1,0 +1,63 @@
+"""A synchronous facade over the async core, for callers that are not asyncio code.
+
+Each call opens the state store's connection once per :class:`SlotManager`
+and a QMP connection per operation (one QMP socket serves one client at a
+time, so it is not held between calls).  Do not call these from inside a
+running event loop: use the coroutines of :mod:`kvmslots.hotplug` there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Awaitable, Callable, Sequence, TypeVar
+
+from . import hotplug
+from .model import Device, DeviceSpec, VMSpec
+from .monitor import Monitor
+from .store import Store
+
+__all__ = ["SlotManager"]
+
+T = TypeVar("T")
+
+
+class SlotManager:
+    """``plan_boot``, ``hot_add``, ``hot_del`` and ``reconcile`` without ``await``."""
+
+    def __init__(self, state_dir: str | os.PathLike[str], *, connect_timeout: float = 30.0) -> None:
+        self.store = Store(state_dir)
+        self.connect_timeout = connect_timeout
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> "SlotManager":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def define_vm(self, vm: VMSpec) -> VMSpec:
+        return self.store.define_vm(vm)
+
+    def plan_boot(self, vm: VMSpec | str, devices: Sequence[DeviceSpec]) -> hotplug.BootPlan:
+        return asyncio.run(hotplug.plan_boot(self.store, vm, devices))
+
+    def hot_add(self, vm: str, device: DeviceSpec, *, qmp: str | os.PathLike[str], undo_timeout: float = 5.0) -> Device:
+        return self._with_monitor(qmp, lambda mon: hotplug.hot_add(self.store, mon, vm, device, undo_timeout=undo_timeout))
+
+    def hot_del(
+        self, vm: str, device_uuid: str, *, qmp: str | os.PathLike[str], timeout: float = 5.0
+    ) -> hotplug.HotDelResult:
+        return self._with_monitor(qmp, lambda mon: hotplug.hot_del(self.store, mon, vm, device_uuid, timeout=timeout))
+
+    def reconcile(self, vm: str, *, qmp: str | os.PathLike[str]) -> hotplug.ReconcileReport:
+        return self._with_monitor(qmp, lambda mon: hotplug.reconcile(self.store, mon, vm))
+
+    def _with_monitor(self, qmp: str | os.PathLike[str], work: Callable[[Monitor], Awaitable[T]]) -> T:
+        async def run() -> T:
+            async with Monitor(qmp, connect_timeout=self.connect_timeout) as mon:
+                return await work(mon)
+
+        return asyncio.run(run())

@@ -1,0 +1,85 @@
+"""A fault-injecting stand-in for QEMU's monitor.
+
+Only for failures that a real QEMU will not produce on demand (a connection
+that drops right after ``device_add``, a device that lands at the wrong slot).
+The normal paths are tested against real QEMU in ``integration/``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from kvmslots.errors import MonitorConnectionLost, QemuCommandError, UnplugGuestError
+from kvmslots.pciview import PciFunction, PciOccupancy
+
+
+@dataclass
+class FakeQemu:
+    builtin: dict[int, str] = field(default_factory=lambda: {0: "", 1: "", 2: "", 3: ""})
+    devices: dict[str, int] = field(default_factory=dict)  # qdev_id -> slot (bus 0)
+    refuse_add: str | None = None  # QEMU error text for the next device_add
+    lose_after_add: bool = False  # add the device, then drop the connection
+    lose_before_add: bool = False
+    misplace_by: int = 0  # put the device this many slots off
+    guest_acks: bool = True
+    guest_refuses: bool = False
+    connected: bool = True
+    can_reconnect: bool = True
+    pending: set[str] = field(default_factory=set)
+    calls: list[str] = field(default_factory=list)
+
+    def _check(self) -> None:
+        if not self.connected:
+            raise MonitorConnectionLost("fake: not connected")
+
+    async def pci(self) -> PciOccupancy:
+        self._check()
+        view = PciOccupancy(PciFunction(0, slot, 0, qdev_id) for slot, qdev_id in self.builtin.items())
+        for qdev_id, slot in self.devices.items():
+            view.add(PciFunction(0, slot, 0, qdev_id))
+        return view
+
+    async def device_add(self, arguments: Mapping[str, Any]) -> None:
+        self._check()
+        self.calls.append(f"device_add {arguments['id']}")
+        if self.lose_before_add:
+            self.connected = False
+            raise MonitorConnectionLost("fake: lost before add")
+        if self.refuse_add:
+            text, self.refuse_add = self.refuse_add, None
+            raise QemuCommandError("device_add", text, "GenericError")
+        slot = int(arguments["addr"], 16)
+        if slot in self.builtin or slot in self.devices.values():
+            raise QemuCommandError("device_add", f"PCI: slot {slot} function 0 not available for x", "GenericError")
+        self.devices[arguments["id"]] = slot + self.misplace_by
+        if self.lose_after_add:
+            self.lose_after_add = False
+            self.connected = False
+            raise MonitorConnectionLost("fake: lost after add")
+
+    async def device_del(self, qdev_id: str, timeout: float) -> bool:
+        self._check()
+        self.calls.append(f"device_del {qdev_id}")
+        if qdev_id not in self.devices:
+            raise QemuCommandError("device_del", f"Device '{qdev_id}' not found", "DeviceNotFound")
+        if self.guest_refuses:
+            raise UnplugGuestError(qdev_id, "fake refusal")
+        if not self.guest_acks:
+            self.pending.add(qdev_id)
+            return False
+        del self.devices[qdev_id]
+        return True
+
+    def eject(self, qdev_id: str) -> None:
+        """Play the guest's late eject of a pending unplug."""
+        self.pending.discard(qdev_id)
+        del self.devices[qdev_id]
+
+
+@dataclass
+class ReconnectingFakeQemu(FakeQemu):
+    async def reconnect(self) -> None:
+        if not self.can_reconnect:
+            raise MonitorConnectionLost("fake: reconnect failed")
+        self.connected = True
