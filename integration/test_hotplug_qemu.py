@@ -244,3 +244,32 @@ def test_monitor_waits_for_a_socket_that_appears_late(tmp_path):
         assert 0 in asyncio.run(scenario())
     finally:
         vm.stop()
+
+
+def test_a_pending_unplug_is_finished_by_the_event_or_a_later_hot_del(qtest_vm, store):
+    async def scenario():
+        async with Monitor(qtest_vm.qmp_path) as mon:
+            a = await hot_add(store, mon, "vm1", DeviceSpec(uid(1), "test", "pci-testdev"))
+            b = await hot_add(store, mon, "vm1", DeviceSpec(uid(2), "test", "pci-testdev"))
+            assert (await hot_del(store, mon, "vm1", a.uuid, timeout=0.2)).pending
+            assert (await hot_del(store, mon, "vm1", b.uuid, timeout=0.2)).pending
+            # nothing ejected yet: the watcher gives up after its timeout and releases nothing
+            assert await kvmslots.watch_unplugs(store, mon, "vm1", timeout=0.3) == []
+            watcher = asyncio.create_task(kvmslots.watch_unplugs(store, mon, "vm1", timeout=30))
+            await asyncio.sleep(0.2)
+            await asyncio.to_thread(qtest_vm.acpi_eject, a.slot)  # DEVICE_DELETED arrives while watching
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(qtest_vm.acpi_eject, b.slot)
+            released = await watcher
+            assert released == [a.qemu_id, b.qemu_id]
+            assert store.devices("vm1") == []
+
+            c = await hot_add(store, mon, "vm1", DeviceSpec(uid(3), "test", "pci-testdev"))
+            assert c.slot == a.slot
+            assert (await hot_del(store, mon, "vm1", c.uuid, timeout=0.2)).pending
+        qtest_vm.acpi_eject(c.slot)  # ejected while nobody listened
+        async with Monitor(qtest_vm.qmp_path) as mon:
+            assert (await hot_del(store, mon, "vm1", c.uuid, timeout=1)).removed  # verified absent
+        assert store.devices("vm1") == []
+
+    asyncio.run(scenario())

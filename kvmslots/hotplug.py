@@ -16,6 +16,7 @@ not async.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from .errors import (
     VerificationFailed,
 )
 from .model import Device, DeviceSpec, DeviceState, VMSpec
-from .monitor import MonitorLike
+from .monitor import Monitor, MonitorLike
 from .pciview import PciFunction, PciOccupancy
 from .slots import SlotMap
 from .store import Store, Transaction
@@ -49,6 +50,7 @@ __all__ = [
     "hot_add",
     "hot_del",
     "reconcile",
+    "watch_unplugs",
 ]
 
 log = logging.getLogger(__name__)
@@ -342,6 +344,35 @@ async def hot_del(store: Store, monitor: MonitorLike, vm: str, device_uuid: str,
         return HotDelResult(HotDelStatus.PENDING, device)
     _forget(store, vm, device)
     return HotDelResult(HotDelStatus.REMOVED, device)
+
+
+async def watch_unplugs(store: Store, monitor: Monitor, vm: str, *, timeout: float | None = None) -> list[str]:
+    """Release the slots of ``detaching`` devices as their ``DEVICE_DELETED`` arrives.
+
+    For a lifecycle manager that keeps the QMP connection open: a ``hot_del``
+    that returned ``pending`` is finished here the moment the guest ejects.
+    Returns the ids released, when nothing is detaching any more or after
+    *timeout* seconds.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    released: list[str] = []
+    while True:
+        detaching = {d.qemu_id: d for d in store.devices(vm) if d.state is DeviceState.DETACHING}
+        if not detaching:
+            return released
+        with monitor.deleted_events(set(detaching)) as events:
+            view = await monitor.pci()
+            gone = [qid for qid in detaching if view.find(qid) is None]
+            if not gone:
+                remaining = None if deadline is None else max(0.0, deadline - loop.time())
+                qid = await events.next(remaining)
+                if qid is None:
+                    return released
+                gone = [qid]
+        for qid in gone:
+            _forget(store, vm, detaching[qid])
+            released.append(qid)
 
 
 def _restore(store: Store, vm: str, uuid: str, state: DeviceState) -> None:

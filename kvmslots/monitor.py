@@ -15,10 +15,11 @@ and error class, a dropped connection becomes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import Any, Iterator, Mapping, Protocol
 
 import tenacity
 from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, ExecuteError, QMPClient, QMPError
@@ -26,7 +27,7 @@ from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, ExecuteE
 from .errors import MonitorConnectionLost, MonitorUnavailable, QemuCommandError, UnplugGuestError
 from .pciview import PciOccupancy, parse_info_pci, parse_query_pci
 
-__all__ = ["Monitor", "MonitorLike", "ALREADY_UNPLUGGING"]
+__all__ = ["Monitor", "MonitorLike", "DeletedEvents", "ALREADY_UNPLUGGING"]
 
 log = logging.getLogger(__name__)
 
@@ -159,18 +160,31 @@ class Monitor:
             raise UnplugGuestError(qdev_id, "QEMU reported DEVICE_UNPLUG_GUEST_ERROR")
         return True
 
-    async def wait_deleted(self, qdev_ids: set[str], timeout: float | None = None) -> str | None:
-        """Wait for the ``DEVICE_DELETED`` of any of *qdev_ids*; return that id, or None on timeout."""
-        listener = EventListener(
-            "DEVICE_DELETED", lambda event: (event.get("data") or {}).get("device") in qdev_ids
-        )
-        with self._qmp.listen(listener):
-            try:
-                event = await asyncio.wait_for(listener.get(), timeout)
-            except asyncio.TimeoutError:
-                return None
-        return str(event["data"]["device"])
+    @contextlib.contextmanager
+    def deleted_events(self, qdev_ids: set[str]) -> Iterator["DeletedEvents"]:
+        """Listen for ``DEVICE_DELETED`` of any of *qdev_ids* while the block runs.
 
+        Register first, then look at ``query-pci``: a removal that happened
+        before the listener existed shows as absence, one after it as an event.
+        """
+        listener = EventListener("DEVICE_DELETED", lambda event: (event.get("data") or {}).get("device") in qdev_ids)
+        with self._qmp.listen(listener):
+            yield DeletedEvents(listener)
+
+
+class DeletedEvents:
+    """The ``DEVICE_DELETED`` events of a set of ids, one at a time."""
+
+    def __init__(self, listener: EventListener) -> None:
+        self._listener = listener
+
+    async def next(self, timeout: float | None) -> str | None:
+        """The id of the next deleted device, or None when *timeout* passes first."""
+        try:
+            event = await asyncio.wait_for(self._listener.get(), timeout)
+        except asyncio.TimeoutError:
+            return None
+        return str(event["data"]["device"])
 
 def _cause(exc: BaseException) -> str:
     inner = getattr(exc, "exc", None) or exc.__cause__
