@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Protocol
 
 import tenacity
-from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, ExecuteError, QMPClient, QMPError
+from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, ExecuteError, Message, QMPClient, QMPError
 
 from .errors import MonitorConnectionLost, MonitorUnavailable, QemuCommandError, UnplugGuestError
 from .pciview import PciOccupancy, parse_info_pci, parse_query_pci
@@ -141,11 +141,10 @@ class Monitor:
         with error class ``DeviceNotFound``.
         """
 
-        def ours(event: Mapping[str, Any]) -> bool:
-            # virtio devices first emit DEVICE_DELETED for their backend child, with a path and no id.
-            return (event.get("data") or {}).get("device") == qdev_id
-
-        listener = EventListener(("DEVICE_DELETED", "DEVICE_UNPLUG_GUEST_ERROR"), ours)
+        # virtio devices first emit DEVICE_DELETED for their backend child, with a path and no id.
+        listener = EventListener(
+            ("DEVICE_DELETED", "DEVICE_UNPLUG_GUEST_ERROR"), lambda event: _event_device(event) == qdev_id
+        )
         with self._qmp.listen(listener):  # registered before the command: the event cannot slip by
             try:
                 await self.execute("device_del", {"id": qdev_id})
@@ -167,7 +166,7 @@ class Monitor:
         Register first, then look at ``query-pci``: a removal that happened
         before the listener existed shows as absence, one after it as an event.
         """
-        listener = EventListener("DEVICE_DELETED", lambda event: (event.get("data") or {}).get("device") in qdev_ids)
+        listener = EventListener("DEVICE_DELETED", lambda event: _event_device(event) in qdev_ids)
         with self._qmp.listen(listener):
             yield DeletedEvents(listener)
 
@@ -184,7 +183,15 @@ class DeletedEvents:
             event = await asyncio.wait_for(self._listener.get(), timeout)
         except asyncio.TimeoutError:
             return None
-        return str(event["data"]["device"])
+        return str(_event_device(event))
+
+
+def _event_device(event: Message) -> str | None:
+    """The ``data.device`` of a QMP event (the qdev id), if it has one."""
+    data = event.get("data")
+    device = data.get("device") if isinstance(data, Mapping) else None
+    return device if isinstance(device, str) else None
+
 
 def _cause(exc: BaseException) -> str:
     inner = getattr(exc, "exc", None) or exc.__cause__

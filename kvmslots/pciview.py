@@ -13,7 +13,7 @@ QEMUs without it.  Devices behind bridges are walked recursively in both.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 from .errors import InvalidBus, MonitorError
