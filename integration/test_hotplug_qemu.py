@@ -272,3 +272,94 @@ def test_a_pending_unplug_is_finished_by_the_event_or_a_later_hot_del(qtest_vm, 
         assert store.devices("vm1") == []
 
     asyncio.run(scenario())
+
+
+def test_hot_add_behind_a_pci_bridge_uses_that_bus_map(tmp_path):
+    bridge = ["-device", "pci-bridge,id=br1,chassis_nr=1,bus=pci.0,addr=0x1f"]
+    mask = "1111" + "0" * 27 + "1"  # the VM's owner reserves the bridge's slot on pci.0
+    with Store(tmp_path / "state") as store, TestVM(tmp_path / "vm", extra_args=bridge) as vm:
+        store.define_vm(VMSpec("vm1", mask=mask))
+
+        async def scenario():
+            async with Monitor(vm.qmp_path) as mon:
+                behind = await hot_add(store, mon, "vm1", DeviceSpec(uid(1), "rng", "virtio-rng-pci", bus="br1"))
+                root = await hot_add(store, mon, "vm1", DeviceSpec(uid(2), "rng", "virtio-rng-pci"))
+                view = await mon.query_pci()
+                report = await reconcile(store, mon, "vm1")
+                assert report.unknown == [] and report.misplaced == []
+                assert (await hot_del(store, mon, "vm1", behind.uuid, timeout=30)).removed
+                return behind, root, view
+
+        behind, root, view = asyncio.run(scenario())
+        assert (behind.bus, behind.slot) == ("br1", 1)  # slot 0 of a pci-bridge is reserved
+        assert root.slot == 4
+        bus_number = view.bus_number("br1")
+        assert bus_number > 0 and view.find(behind.qemu_id).bus == bus_number
+        vm.wait_guest_pci(lambda seen: guest_addr(1, bus_number) not in seen and guest_addr(4) in seen)
+        assert [d.qemu_id for d in store.devices("vm1")] == [root.qemu_id]
+
+
+def _crash_during(state_dir: str, qmp: str, command: str, when: str, n: int, remove_first: bool) -> None:
+    """Child process: hot add (and maybe hot remove) a device, dying right before/after one QMP command."""
+    import os
+
+    class CrashingMonitor(Monitor):
+        async def execute(self, cmd, arguments=None):
+            if cmd == command and when == "before":
+                os._exit(9)
+            result = await super().execute(cmd, arguments)
+            if cmd == command and when == "after":
+                os._exit(9)
+            return result
+
+    async def go():
+        with Store(state_dir) as store:
+            async with CrashingMonitor(qmp) as mon:
+                device = await hot_add(store, mon, "vm1", DeviceSpec(uid(n), "rng", "virtio-rng-pci"))
+                if remove_first:
+                    await hot_del(store, mon, "vm1", device.uuid, timeout=30)
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize(
+    "command,when,remove_first,expect_state,expect_report",
+    [
+        ("device_add", "before", False, "attaching", "released"),  # intent persisted, nothing done
+        ("device_add", "after", False, "attaching", "attached"),  # QEMU took it, never verified
+        ("device_del", "after", True, "detaching", "released"),  # unplug asked, never confirmed
+    ],
+)
+def test_a_crash_between_steps_is_repaired_by_reconcile(
+    guest_vm, tmp_path, command, when, remove_first, expect_state, expect_report
+):
+    state_dir = tmp_path / "state"
+    with Store(state_dir) as store:
+        store.define_vm(VMSpec("vm1"))
+    ctx = multiprocessing.get_context("spawn")
+    child = ctx.Process(target=_crash_during, args=(str(state_dir), str(guest_vm.qmp_path), command, when, 1, remove_first))
+    child.start()
+    child.join(120)
+    assert child.exitcode == 9
+    with Store(state_dir) as store:
+        [device] = store.devices("vm1")
+        assert device.state.value == expect_state
+
+        async def restart():
+            async with Monitor(guest_vm.qmp_path) as mon:
+                if expect_state == "detaching":  # let the guest finish the eject it was asked for
+                    for _ in range(100):
+                        if (await mon.query_pci()).find(device.qemu_id) is None:
+                            break
+                        await asyncio.sleep(0.1)
+                report = await reconcile(store, mon, "vm1")
+                nxt = await hot_add(store, mon, "vm1", DeviceSpec(uid(2), "rng", "virtio-rng-pci"))
+                return report, nxt
+
+        report, nxt = asyncio.run(restart())
+        assert getattr(report, expect_report) == [device.qemu_id]
+        if expect_report == "attached":
+            assert store.get_device("vm1", device.uuid).state.value == "attached"
+            assert nxt.slot == device.slot + 1
+        else:
+            assert nxt.slot == device.slot  # the slot came back only once QEMU showed it free

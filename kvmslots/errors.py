@@ -34,6 +34,7 @@ __all__ = [
     "DeviceExists",
     "StateConflict",
     "StateImportError",
+    "VMBusy",
     "MonitorError",
     "MonitorUnavailable",
     "MonitorConnectionLost",
@@ -151,6 +152,10 @@ class DeviceExists(StateError):
 
 class StateConflict(StateError):
     """The request contradicts what is stored (e.g. a different slot)."""
+
+
+class VMBusy(StateError):
+    """Another operation holds the VM's lock for longer than we were willing to wait."""
 
 
 class StateImportError(StateError, ValidationError):

@@ -90,7 +90,11 @@ async def plan_boot(store: Store, vm: VMSpec | str, devices: Sequence[DeviceSpec
     VM's whole device set: stored devices not in it are dropped.  Planning
     the same devices again gives the same slots, ids and arguments.
     """
-    specs = list(devices)
+    async with store.vm_lock(vm if isinstance(vm, str) else vm.name):
+        return _plan_boot(store, vm, list(devices))
+
+
+def _plan_boot(store: Store, vm: VMSpec | str, specs: list[DeviceSpec]) -> BootPlan:
     _check_unique_uuids(specs)
     with store.transaction() as txn:
         if isinstance(vm, str):
@@ -162,6 +166,11 @@ async def hot_add(store: Store, monitor: MonitorLike, vm: str, spec: DeviceSpec,
     device is removed again if QEMU took it and the slot is released, and a
     :class:`DeviceAddFailed` carrying QEMU's message is raised.
     """
+    async with store.vm_lock(vm):
+        return await _hot_add(store, monitor, vm, spec, undo_timeout)
+
+
+async def _hot_add(store: Store, monitor: MonitorLike, vm: str, spec: DeviceSpec, undo_timeout: float) -> Device:
     for attempt in range(_RACE_RETRIES + 1):
         view = await monitor.pci()
         device, bus_number = _reserve_for_add(store, vm, spec, view)
@@ -321,6 +330,11 @@ async def hot_del(store: Store, monitor: MonitorLike, vm: str, device_uuid: str,
     and the device stays attached.
     """
     uuid = validate_uuid(device_uuid)
+    async with store.vm_lock(vm):
+        return await _hot_del(store, monitor, vm, uuid, timeout)
+
+
+async def _hot_del(store: Store, monitor: MonitorLike, vm: str, uuid: str, timeout: float) -> HotDelResult:
     with store.transaction() as txn:
         txn.get_vm(vm)
         device = txn.get_device(vm, uuid)
@@ -419,9 +433,15 @@ async def reconcile(store: Store, monitor: MonitorLike, vm: str) -> ReconcileRep
     attaching/planned and present -> attached; attaching and absent -> released;
     detaching and gone -> released; attached and gone -> released and reported
     as lost; live devices we do not know are reported (hot_add treats their
-    slots as taken anyway).
+    slots as taken anyway).  It holds the VM's lock, so an operation still
+    under way in another process is never mistaken for one a crash left behind.
     """
-    view = await monitor.pci()
+    async with store.vm_lock(vm):
+        view = await monitor.pci()
+        return _reconcile_view(store, vm, view)
+
+
+def _reconcile_view(store: Store, vm: str, view: PciOccupancy) -> ReconcileReport:
     report = ReconcileReport(vm)
     with store.transaction() as txn:
         vm_spec = txn.get_vm(vm)

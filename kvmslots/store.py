@@ -14,11 +14,14 @@ imported elsewhere (migration: the target boots with identical slots and ids).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import sqlite3
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, AsyncIterator, Iterator, Mapping
+
+import tenacity
 
 from .devid import uuid8, validate_uuid, validate_vm_name
 from .errors import (
@@ -29,6 +32,7 @@ from .errors import (
     UnknownDevice,
     UnknownVM,
     ValidationError,
+    VMBusy,
 )
 from .model import Device, DeviceSpec, DeviceState, VMSpec
 from .slots import SlotMap
@@ -221,6 +225,36 @@ class Store:
             raise
         else:
             self._conn.execute("COMMIT")
+
+    @contextlib.asynccontextmanager
+    async def vm_lock(self, vm: str, timeout: float = 60.0) -> AsyncIterator[None]:
+        """Hold the VM's operation lock (an ``flock`` on a 0600 file in the state dir).
+
+        Transactions keep single writes consistent; this lock keeps whole
+        operations apart, so that :func:`~kvmslots.hotplug.reconcile` never
+        mistakes a hot add that is still under way in another process for
+        one a crash left behind.  The kernel drops the lock when its holder
+        dies, so a crashed process never leaves the VM locked.
+        """
+        lock_dir = self.state_dir / "locks"
+        lock_dir.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(lock_dir / f"{validate_vm_name(vm)}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            retrying = tenacity.AsyncRetrying(
+                stop=tenacity.stop_after_delay(timeout),
+                wait=tenacity.wait_exponential(multiplier=0.005, max=0.1),
+                retry=tenacity.retry_if_exception_type(BlockingIOError),
+                reraise=True,
+            )
+            try:
+                async for attempt in retrying:
+                    with attempt:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise VMBusy(f"VM {vm!r} is locked by another operation for more than {timeout:g}s") from None
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
 
     # -- conveniences (each its own transaction) -------------------------------
     def define_vm(self, vm: VMSpec) -> VMSpec:

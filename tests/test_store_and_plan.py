@@ -212,3 +212,40 @@ def test_processes_never_take_the_same_slot(tmp_path):
         p.join(60)
         assert p.exitcode == 0
     assert sorted(slots) == list(range(4, 28))
+
+
+def test_vm_lock_excludes_others_and_dies_with_its_holder(tmp_path):
+    async def scenario():
+        with Store(tmp_path / "s") as a, Store(tmp_path / "s") as b:
+            async with a.vm_lock("vm1"):
+                with pytest.raises(kvmslots.VMBusy):
+                    async with b.vm_lock("vm1", timeout=0.2):
+                        pass
+                async with b.vm_lock("vm2", timeout=0.2):  # other VMs are not blocked
+                    pass
+            async with b.vm_lock("vm1", timeout=0.2):
+                pass
+
+    asyncio.run(scenario())
+    ctx = multiprocessing.get_context("spawn")
+    holder = ctx.Process(target=_lock_and_die, args=(tmp_path / "s",))
+    holder.start()
+    holder.join(60)
+    assert holder.exitcode == 9
+
+    async def after_crash():
+        with Store(tmp_path / "s") as s:
+            async with s.vm_lock("vm1", timeout=1):
+                pass
+
+    asyncio.run(after_crash())
+    assert stat.S_IMODE(os.stat(tmp_path / "s" / "locks" / "vm1.lock").st_mode) == 0o600
+
+
+def _lock_and_die(state_dir):
+    async def hold():
+        with Store(state_dir) as s:
+            async with s.vm_lock("vm1"):
+                os._exit(9)
+
+    asyncio.run(hold())
