@@ -43,6 +43,19 @@ __all__ = [
     "DeviceAddFailed",
     "VerificationFailed",
     "UnplugGuestError",
+    "PciError",
+    "InvalidPciAddress",
+    "InvalidDeviceSpec",
+    "InvalidAlias",
+    "AliasNotDefined",
+    "InvalidPciRequest",
+    "InvalidDevicesJson",
+    "PciDeviceInvalidStatus",
+    "PciDeviceInvalidOwner",
+    "PciDeviceRequestFailed",
+    "UnknownPciDevice",
+    "DiscoveryError",
+    "HostBindError",
     "TestVMError",
     "GuestFilesMissing",
     "GuestBootTimeout",
@@ -214,6 +227,60 @@ class UnplugGuestError(HotplugError):
         self.qemu_message = detail or None
         text = f"The guest refused to unplug {device_id}"
         super().__init__(text + (f": {detail}" if detail else ""))
+
+
+# --- host PCI passthrough ---------------------------------------------------
+
+class PciError(KvmSlotsError):
+    """A host PCI device operation failed."""
+
+
+class InvalidPciAddress(ValidationError, PciError):
+    """A host PCI address is not ``dddd:bb:ss.f`` within the PCI limits."""
+
+
+class InvalidDeviceSpec(ValidationError, PciError):
+    """A ``device_spec`` (whitelist) entry is malformed (Nova: ``PciConfigInvalidSpec``)."""
+
+
+class InvalidAlias(ValidationError, PciError):
+    """A PCI alias is malformed or contradicts another one (Nova: ``PciInvalidAlias``)."""
+
+
+class AliasNotDefined(ValidationError, PciError):
+    """A flavor asks for an alias that is not configured (Nova: ``PciRequestAliasNotDefined``)."""
+
+
+class InvalidPciRequest(ValidationError, PciError):
+    """A flavor extra spec or PCI request is malformed (bad count, unknown key)."""
+
+
+class InvalidDevicesJson(ValidationError, PciError):
+    """The hypervisor's device list is malformed."""
+
+
+class PciDeviceInvalidStatus(PciError):
+    """The device is not in a state that allows the operation; nothing changed."""
+
+
+class PciDeviceInvalidOwner(PciError):
+    """The device belongs to another instance; nothing changed."""
+
+
+class PciDeviceRequestFailed(PciError):
+    """The host cannot satisfy the PCI requests; nothing was claimed."""
+
+
+class UnknownPciDevice(PciError, LookupError):
+    """No tracked host device has that address."""
+
+
+class DiscoveryError(PciError):
+    """Host PCI devices could not be listed (libvirt or sysfs)."""
+
+
+class HostBindError(PciError):
+    """A host device could not be bound to vfio-pci or given back to the host."""
 
 
 # --- disposable test VMs -----------------------------------------------------

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 from .devid import validate_uuid
 from .errors import (
+    InvalidPciRequest,
     DeviceAddFailed,
     DeviceExists,
     HotplugError,
@@ -37,6 +38,7 @@ from .errors import (
 )
 from .model import Device, DeviceSpec, DeviceState, VMSpec
 from .monitor import Monitor, MonitorLike
+from .passthrough import HostDevices, PassthroughSpec, is_passthrough
 from .pciview import PciFunction, PciOccupancy
 from .slots import SlotMap
 from .store import Store, Transaction
@@ -81,7 +83,13 @@ class BootPlan:
         return args
 
 
-async def plan_boot(store: Store, vm: VMSpec | str, devices: Sequence[DeviceSpec]) -> BootPlan:
+async def plan_boot(
+    store: Store,
+    vm: VMSpec | str,
+    devices: Sequence[DeviceSpec | PassthroughSpec],
+    *,
+    host: HostDevices | None = None,
+) -> BootPlan:
     """Give every device of a VM that is about to boot its slot, and persist the plan.
 
     A device keeps the slot stored for it (or the slot its spec asks for);
@@ -89,9 +97,50 @@ async def plan_boot(store: Store, vm: VMSpec | str, devices: Sequence[DeviceSpec
     The others get the first free slots, in the order given.  The list is the
     VM's whole device set: stored devices not in it are dropped.  Planning
     the same devices again gives the same slots, ids and arguments.
+
+    A :class:`PassthroughSpec` keeps the host device it already holds, or
+    claims one through *host*; its ``-device vfio-pci,...,host=<address>``
+    argument is emitted like any other.  If planning fails, the claims it
+    made are freed again.
     """
-    async with store.vm_lock(vm if isinstance(vm, str) else vm.name):
-        return _plan_boot(store, vm, list(devices))
+    name = vm if isinstance(vm, str) else vm.name
+    async with store.vm_lock(name):
+        stored = {d.uuid: d for d in store.devices(name)} if store.has_vm(name) else {}
+        specs: list[DeviceSpec] = []
+        new_claims: list[str] = []
+        try:
+            for spec in devices:
+                if isinstance(spec, PassthroughSpec):
+                    address = _host_for_boot(name, spec, stored.get(spec.uuid), host, new_claims)
+                    specs.append(spec.guest_spec(address))
+                else:
+                    specs.append(spec)
+            plan = _plan_boot(store, vm, specs)
+        except BaseException:
+            for address in new_claims:
+                assert host is not None
+                host.release(name, address)
+            raise
+        if host is not None:
+            for device in plan.dropped:
+                host.release_guest_device(name, device)
+        return plan
+
+
+def _host_for_boot(
+    vm: str, spec: PassthroughSpec, stored: Device | None, host: HostDevices | None, new_claims: list[str]
+) -> str:
+    """The host address a passthrough device boots with: the one it holds, or a new claim."""
+    if host is None:
+        raise InvalidPciRequest(f"Passthrough device {spec.uuid} needs host=HostDevices(tracker) to claim a host device")
+    if stored is not None and is_passthrough(stored):
+        address = str(stored.props["host"])
+        held = host.tracker.get_instance_pci_devs(vm, spec.uuid)
+        if [d.address for d in held] == [address]:
+            return address
+    address = host.claim(vm, spec).address
+    new_claims.append(address)
+    return address
 
 
 def _plan_boot(store: Store, vm: VMSpec | str, specs: list[DeviceSpec]) -> BootPlan:
@@ -157,7 +206,15 @@ def _check_unique_ids(devices: Sequence[Device]) -> None:
 # --------------------------------------------------------------------------- hot add
 
 
-async def hot_add(store: Store, monitor: MonitorLike, vm: str, spec: DeviceSpec, *, undo_timeout: float = 5.0) -> Device:
+async def hot_add(
+    store: Store,
+    monitor: MonitorLike,
+    vm: str,
+    spec: DeviceSpec | PassthroughSpec,
+    *,
+    host: HostDevices | None = None,
+    undo_timeout: float = 5.0,
+) -> Device:
     """Hot-plug *spec* into running VM *vm*; return the attached device.
 
     occupied = QEMU's live view + our records + the mask; the first free slot
@@ -165,9 +222,29 @@ async def hot_add(store: Store, monitor: MonitorLike, vm: str, spec: DeviceSpec,
     verified in ``query-pci`` and persisted as ``attached``.  On failure the
     device is removed again if QEMU took it and the slot is released, and a
     :class:`DeviceAddFailed` carrying QEMU's message is raised.
+
+    A :class:`PassthroughSpec` first claims a host device through *host*
+    (and binds it to vfio-pci), is plugged as ``vfio-pci,host=<address>`` with
+    id ``hostdev-<uuid8>-pci-<slot>``, and its claim becomes an allocation;
+    on failure the host device is freed with the slot.
     """
     async with store.vm_lock(vm):
-        return await _hot_add(store, monitor, vm, spec, undo_timeout)
+        if not isinstance(spec, PassthroughSpec):
+            return await _hot_add(store, monitor, vm, spec, undo_timeout)
+        if host is None:
+            raise InvalidPciRequest(f"Passthrough device {spec.uuid} needs host=HostDevices(tracker)")
+        store.get_vm(vm)
+        hostdev = host.claim(vm, spec)
+        try:
+            device = await _hot_add(store, monitor, vm, spec.guest_spec(hostdev.address), undo_timeout)
+        except BaseException:
+            if _find(store, vm, spec.uuid) is None:
+                host.release(vm, hostdev.address)  # QEMU does not hold it: back to the host
+            # else the guest device is left attaching/detaching: QEMU may hold the host
+            # device, so it stays claimed until hot_del or reconcile settles it
+            raise
+        host.allocate(vm, hostdev.address)
+        return device
 
 
 async def _hot_add(store: Store, monitor: MonitorLike, vm: str, spec: DeviceSpec, undo_timeout: float) -> Device:
@@ -232,6 +309,11 @@ def _describe_live(functions: list[PciFunction]) -> str:
     first = functions[0]
     name = f"id {first.qdev_id!r}" if first.qdev_id else "no id"
     return f"{first.description or 'a device'} in QEMU ({name})"
+
+
+def _find(store: Store, vm: str, uuid: str) -> Device | None:
+    with store.transaction() as txn:
+        return txn.find_device(vm, uuid)
 
 
 def _forget(store: Store, vm: str, device: Device) -> None:
@@ -320,7 +402,15 @@ class HotDelResult:
         return self.status is HotDelStatus.PENDING
 
 
-async def hot_del(store: Store, monitor: MonitorLike, vm: str, device_uuid: str, *, timeout: float = 5.0) -> HotDelResult:
+async def hot_del(
+    store: Store,
+    monitor: MonitorLike,
+    vm: str,
+    device_uuid: str,
+    *,
+    timeout: float = 5.0,
+    host: HostDevices | None = None,
+) -> HotDelResult:
     """Hot-unplug a device and release its slot once QEMU confirms the removal.
 
     The device is persisted as ``detaching``, ``device_del`` is sent with the id
@@ -360,7 +450,9 @@ async def _hot_del(store: Store, monitor: MonitorLike, vm: str, uuid: str, timeo
     return HotDelResult(HotDelStatus.REMOVED, device)
 
 
-async def watch_unplugs(store: Store, monitor: Monitor, vm: str, *, timeout: float | None = None) -> list[str]:
+async def watch_unplugs(
+    store: Store, monitor: Monitor, vm: str, *, timeout: float | None = None, host: HostDevices | None = None
+) -> list[str]:
     """Release the slots of ``detaching`` devices as their ``DEVICE_DELETED`` arrives.
 
     For a lifecycle manager that keeps the QMP connection open: a ``hot_del``
@@ -386,6 +478,8 @@ async def watch_unplugs(store: Store, monitor: Monitor, vm: str, *, timeout: flo
                 gone = [qid]
         for qid in gone:
             _forget(store, vm, detaching[qid])
+            if host is not None:
+                host.release_guest_device(vm, detaching[qid])
             released.append(qid)
 
 
@@ -427,7 +521,9 @@ class ReconcileReport:
         }
 
 
-async def reconcile(store: Store, monitor: MonitorLike, vm: str) -> ReconcileReport:
+async def reconcile(
+    store: Store, monitor: MonitorLike, vm: str, *, host: HostDevices | None = None
+) -> ReconcileReport:
     """Compare our records with QEMU's live view and repair what a crash or a lost event left.
 
     attaching/planned and present -> attached; attaching and absent -> released;
@@ -435,10 +531,19 @@ async def reconcile(store: Store, monitor: MonitorLike, vm: str) -> ReconcileRep
     as lost; live devices we do not know are reported (hot_add treats their
     slots as taken anyway).  It holds the VM's lock, so an operation still
     under way in another process is never mistaken for one a crash left behind.
+    With *host*, passthrough devices follow: released ones free their host
+    device, newly attached ones turn their host claim into an allocation.
     """
     async with store.vm_lock(vm):
         view = await monitor.pci()
-        return _reconcile_view(store, vm, view)
+        before = {d.qemu_id: d for d in store.devices(vm)}
+        report = _reconcile_view(store, vm, view)
+        if host is not None:
+            for qid in report.released + report.lost:
+                host.release_guest_device(vm, before[qid])
+            for qid in report.attached:
+                host.allocate_guest_device(vm, before[qid])
+        return report
 
 
 def _reconcile_view(store: Store, vm: str, view: PciOccupancy) -> ReconcileReport:

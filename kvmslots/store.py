@@ -19,7 +19,7 @@ import json
 import os
 import sqlite3
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator, Mapping
+from typing import Any, AsyncIterator, Iterable, Iterator, Mapping, Sequence
 
 import tenacity
 
@@ -77,6 +77,13 @@ class Transaction:
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        """Raw SQL inside this transaction, for modules that own tables of their own (the PCI tracker)."""
+        return self._conn.execute(sql, params)
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> sqlite3.Cursor:
+        return self._conn.executemany(sql, rows)
 
     # -- VMs ------------------------------------------------------------------
     def find_vm(self, name: str) -> VMSpec | None:
@@ -272,6 +279,10 @@ class Store:
     def get_vm(self, name: str) -> VMSpec:
         with self.transaction() as txn:
             return txn.get_vm(name)
+
+    def has_vm(self, name: str) -> bool:
+        with self.transaction() as txn:
+            return txn.find_vm(name) is not None
 
     def vms(self) -> list[str]:
         return [row[0] for row in self._conn.execute("SELECT name FROM vms ORDER BY name")]

@@ -1,0 +1,127 @@
+"""Host PCI passthrough in the slot manager: claim, bind, plug, allocate; and back.
+
+A passthrough device is a guest device with driver ``vfio-pci`` whose
+``host`` property is a host PCI address chosen by the tracker.  The order of
+a hot add is: claim a host device for the VM (tracker), bind it to vfio-pci
+(binder, when one is given), take a guest slot and ``device_add`` it, then
+allocate the claim.  Any failure undoes in reverse: the guest slot is
+released and the host device is freed (and handed back to its host driver).
+
+The reverse order holds on removal: the host device is freed and given back
+to the host only after QEMU confirmed the removal (``DEVICE_DELETED`` or
+verified absence), never while QEMU may still hold it.  The link between
+the guest device and the host device is the tracker's request id, which is
+the guest device's UUID, and the ``host`` property stored with the device.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from typing import Mapping
+
+from .devid import PropValue, validate_uuid
+from .errors import HostBindError, InvalidPciRequest, KvmSlotsError, PciError
+from .model import ROOT_BUS, Device, DeviceSpec
+from .pci.binding import HostBinder
+from .pci.device import PciDevice, PciStatus
+from .pci.request import InstancePciRequest
+from .pci.tracker import PciDevTracker
+
+__all__ = ["PassthroughSpec", "HostDevices", "PASSTHROUGH_DRIVER", "PASSTHROUGH_TYPE"]
+
+log = logging.getLogger(__name__)
+
+PASSTHROUGH_DRIVER = "vfio-pci"
+PASSTHROUGH_TYPE = "hostdev"
+
+
+@dataclass(frozen=True)
+class PassthroughSpec:
+    """A guest device backed by one host PCI device that a request (alias) picks.
+
+    The request's ``count`` must be 1 (one guest device per host device);
+    its ``request_id`` becomes the device UUID, so the tracker can always
+    tell which host device answers which guest device.
+    """
+
+    uuid: str
+    request: InstancePciRequest
+    bus: str = ROOT_BUS
+    slot: int | None = None
+    props: Mapping[str, PropValue] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "uuid", validate_uuid(self.uuid))
+        if self.request.count != 1:
+            raise InvalidPciRequest(f"A passthrough device takes exactly one host device, the request asks for {self.request.count}")
+        if "host" in self.props:
+            raise InvalidPciRequest("The host address of a passthrough device is chosen by the tracker, not given")
+        object.__setattr__(self, "request", replace(self.request, request_id=self.uuid))
+        # validates bus, slot and props the same way as any guest device
+        self.guest_spec("0000:00:00.0")
+
+    def guest_spec(self, host_address: str) -> DeviceSpec:
+        """The guest device for a claimed host device."""
+        props = {**dict(self.props), "host": host_address}
+        return DeviceSpec(self.uuid, PASSTHROUGH_TYPE, PASSTHROUGH_DRIVER, props, self.bus, self.slot)
+
+
+@dataclass
+class HostDevices:
+    """The host side of passthrough: the tracker, and optionally a binder to vfio-pci."""
+
+    tracker: PciDevTracker
+    binder: HostBinder | None = None
+
+    def claim(self, vm: str, spec: PassthroughSpec) -> PciDevice:
+        """Claim one host device for *spec* and bind it to vfio-pci; all or nothing."""
+        [device] = self.tracker.claim_instance(vm, [spec.request])
+        if self.binder is not None:
+            try:
+                self.binder.detach(device.address)
+            except KvmSlotsError:
+                self.tracker.free_device(device.address, vm)
+                raise
+        return device
+
+    def allocate(self, vm: str, host_address: str) -> None:
+        self.tracker.allocate_device(host_address, vm)
+
+    def release(self, vm: str, host_address: str) -> None:
+        """Free the host device and give it back to the host (QEMU must have let go of it)."""
+        self.tracker.free_device(host_address, vm)
+        if self.binder is not None:
+            try:
+                self.binder.reattach(host_address)
+            except HostBindError as exc:  # the device is free in the tracker; the operator must rebind it
+                log.error("Host device %s freed but not given back to its driver: %s", host_address, exc)
+
+    def release_guest_device(self, vm: str, device: Device) -> None:
+        """After QEMU confirmed *device* gone: free its host device, if it is a passthrough one.
+
+        The guest side is already settled, so a tracker that disagrees (the
+        host device is unknown or owned by someone else) is logged, not raised.
+        """
+        if not is_passthrough(device):
+            return
+        try:
+            self.release(vm, str(device.props["host"]))
+        except PciError as exc:
+            log.error("Guest device %s is gone but its host device could not be freed: %s", device.qemu_id, exc)
+
+    def allocate_guest_device(self, vm: str, device: Device) -> None:
+        """QEMU shows *device* present: its host device's claim becomes an allocation."""
+        if not is_passthrough(device):
+            return
+        host = str(device.props["host"])
+        try:
+            if self.tracker.get_device(host).status is PciStatus.CLAIMED:
+                self.allocate(vm, host)
+        except PciError as exc:
+            log.error("Guest device %s is present but its host device %s is not claimed for %s: %s",
+                      device.qemu_id, host, vm, exc)
+
+
+def is_passthrough(device: Device) -> bool:
+    return device.driver == PASSTHROUGH_DRIVER and isinstance(device.props.get("host"), str)

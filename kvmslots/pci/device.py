@@ -1,0 +1,248 @@
+"""Host PCI device records and their state machine (Nova's ``PciDevice``).
+
+A host device is ``available`` until an instance claims it (``claimed``),
+then ``allocated`` when the instance really uses it, and ``available`` again
+when freed.  SR-IOV ties devices together: while a PF is taken its VFs
+cannot be (``unclaimable`` / ``unavailable``), and while any VF is taken its
+PF cannot be.  Devices the host no longer reports are ``removed``, then
+``deleted`` (their record goes).
+
+Every transition checks first and changes after: a wrong state or a wrong
+owner raises a typed error and leaves the device, its parent and its
+children exactly as they were.  The PF/VF links (``parent`` /
+``children``) are kept by the tracker; this module only follows them.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+from ..errors import InvalidDevicesJson, PciDeviceInvalidOwner, PciDeviceInvalidStatus, ValidationError
+from .address import DEV_TYPE_PCI, DEV_TYPE_PF, DEV_TYPE_VF, DEV_TYPES, canonical_address, validate_pci_id
+
+__all__ = ["PciStatus", "PciDevice", "device_from_hypervisor", "HYPERVISOR_FIELDS", "ASSIGNED"]
+
+
+class PciStatus(str, enum.Enum):
+    AVAILABLE = "available"
+    CLAIMED = "claimed"
+    ALLOCATED = "allocated"
+    REMOVED = "removed"
+    DELETED = "deleted"
+    UNCLAIMABLE = "unclaimable"
+    UNAVAILABLE = "unavailable"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: States in which a device belongs to an instance.
+ASSIGNED = frozenset({PciStatus.CLAIMED, PciStatus.ALLOCATED})
+_PARENT_OK = frozenset({PciStatus.AVAILABLE, PciStatus.UNCLAIMABLE, PciStatus.UNAVAILABLE})
+
+#: The keys of a hypervisor device record (Nova's ``pci_passthrough_devices`` JSON).
+HYPERVISOR_FIELDS = (
+    "address",
+    "vendor_id",
+    "product_id",
+    "dev_type",
+    "parent_addr",
+    "numa_node",
+    "iommu_group",
+    "dev_id",
+    "label",
+    "devname",
+)
+
+
+@dataclass(eq=False)
+class PciDevice:
+    """One host PCI function as the tracker knows it."""
+
+    address: str
+    vendor_id: str
+    product_id: str
+    dev_type: str = DEV_TYPE_PCI
+    parent_addr: str | None = None
+    numa_node: int | None = None
+    iommu_group: int | None = None
+    dev_id: str | None = None
+    label: str | None = None
+    devname: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    status: PciStatus = PciStatus.AVAILABLE
+    instance_uuid: str | None = None
+    request_id: str | None = None
+    #: New hypervisor values parked while the device is assigned (applied when freed).
+    stale: dict[str, Any] | None = None
+    #: The host stopped reporting it while it was assigned: removed once freed.
+    vanished: bool = False
+    parent: PciDevice | None = field(default=None, repr=False)
+    children: list[PciDevice] = field(default_factory=list, repr=False)
+
+    # -- views ----------------------------------------------------------------
+    @property
+    def is_available(self) -> bool:
+        return self.status is PciStatus.AVAILABLE
+
+    def hypervisor_values(self) -> dict[str, Any]:
+        """The properties that come from the hypervisor (compared on every sync)."""
+        return {name: getattr(self, name) for name in HYPERVISOR_FIELDS}
+
+    def record(self) -> dict[str, Any]:
+        """Everything that defines the device's state (what is persisted and compared)."""
+        values = self.hypervisor_values()
+        values.update(
+            tags=dict(self.tags),
+            status=self.status.value,
+            instance_uuid=self.instance_uuid,
+            request_id=self.request_id,
+            stale=self.stale,
+            vanished=self.vanished,
+        )
+        return values
+
+    # -- transitions ----------------------------------------------------------
+    def claim(self, instance_uuid: str, request_id: str | None = None) -> list[PciDevice]:
+        """available -> claimed; a PF makes its VFs unclaimable, a VF its PF. Returns changed devices."""
+        self._require({PciStatus.AVAILABLE}, "claim")
+        changed: list[PciDevice] = []
+        if self.dev_type == DEV_TYPE_PF:
+            busy = [vf.address for vf in self.children if not vf.is_available]
+            if busy:
+                raise PciDeviceInvalidStatus(f"Cannot claim PF {self.address}: its VFs {busy} are not available")
+            changed += _set_status(self.children, PciStatus.UNCLAIMABLE)
+        elif self.dev_type == DEV_TYPE_VF and self.parent is not None:
+            self.parent._require(_PARENT_OK, f"claim its VF {self.address}")
+            if self.parent.is_available:
+                changed += _set_status([self.parent], PciStatus.UNCLAIMABLE)
+        self.status, self.instance_uuid, self.request_id = PciStatus.CLAIMED, instance_uuid, request_id
+        return changed + [self]
+
+    def allocate(self, instance_uuid: str, request_id: str | None = None) -> list[PciDevice]:
+        """available, or claimed by the same instance -> allocated; PF/VF relatives -> unavailable."""
+        self._require({PciStatus.AVAILABLE, PciStatus.CLAIMED}, "allocate")
+        if self.status is PciStatus.CLAIMED and self.instance_uuid != instance_uuid:
+            raise PciDeviceInvalidOwner(
+                f"Device {self.address} is claimed by {self.instance_uuid}, not {instance_uuid}"
+            )
+        changed: list[PciDevice] = []
+        if self.dev_type == DEV_TYPE_PF:
+            busy = [vf.address for vf in self.children if vf.status not in (PciStatus.AVAILABLE, PciStatus.UNCLAIMABLE)]
+            if busy:
+                raise PciDeviceInvalidStatus(f"Cannot allocate PF {self.address}: its VFs {busy} are in use")
+            changed += _set_status(self.children, PciStatus.UNAVAILABLE)
+        elif self.dev_type == DEV_TYPE_VF and self.parent is not None:
+            self.parent._require(_PARENT_OK, f"allocate its VF {self.address}")
+            changed += _set_status([self.parent], PciStatus.UNAVAILABLE)
+        if self.status is PciStatus.AVAILABLE:
+            self.request_id = request_id
+        self.status, self.instance_uuid = PciStatus.ALLOCATED, instance_uuid
+        return changed + [self]
+
+    def free(self, instance_uuid: str | None = None) -> list[PciDevice]:
+        """claimed/allocated -> available; a PF frees its VFs, a VF its PF once no sibling is in use."""
+        self._require(ASSIGNED, "free")
+        if instance_uuid is not None and self.instance_uuid != instance_uuid:
+            raise PciDeviceInvalidOwner(f"Device {self.address} belongs to {self.instance_uuid}, not {instance_uuid}")
+        changed: list[PciDevice] = []
+        if self.dev_type == DEV_TYPE_PF:
+            changed += _set_status(
+                [vf for vf in self.children if vf.status in (PciStatus.UNCLAIMABLE, PciStatus.UNAVAILABLE)],
+                PciStatus.AVAILABLE,
+            )
+        elif self.dev_type == DEV_TYPE_VF and self.parent is not None:
+            siblings_free = all(vf.is_available for vf in self.parent.children if vf is not self)
+            if siblings_free and self.parent.status in (PciStatus.UNCLAIMABLE, PciStatus.UNAVAILABLE):
+                changed += _set_status([self.parent], PciStatus.AVAILABLE)
+        self.status, self.instance_uuid, self.request_id = PciStatus.AVAILABLE, None, None
+        return changed + [self]
+
+    def remove(self) -> None:
+        """A device the host stopped reporting: only when nobody owns it."""
+        self._require(_PARENT_OK, "remove")
+        if self.instance_uuid is not None:
+            raise PciDeviceInvalidOwner(f"Device {self.address} is owned by {self.instance_uuid}; cannot remove it")
+        self.status = PciStatus.REMOVED
+
+    def _require(self, allowed: Iterable[PciStatus], action: str) -> None:
+        if self.status not in allowed:
+            wanted = ", ".join(sorted(s.value for s in allowed))
+            raise PciDeviceInvalidStatus(
+                f"Cannot {action}: device {self.address} is {self.status.value} (needs {wanted})"
+            )
+
+
+def _set_status(devices: Iterable[PciDevice], status: PciStatus) -> list[PciDevice]:
+    changed = []
+    for device in devices:
+        if device.status is not status:
+            device.status = status
+            changed.append(device)
+    return changed
+
+
+def device_from_hypervisor(raw: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> PciDevice:
+    """Validate one record of the hypervisor's JSON device list into a :class:`PciDevice`."""
+    if not isinstance(raw, Mapping):
+        raise InvalidDevicesJson(f"Each device must be a JSON object, got {type(raw).__name__}")
+    where = f"device {raw.get('address')!r}"
+    unknown = set(raw) - set(HYPERVISOR_FIELDS) - {"compute_node_id", "numa_node", "extra_info"}
+    if unknown:
+        raise InvalidDevicesJson(f"{where} has unknown keys: {', '.join(sorted(map(str, unknown)))}")
+    try:
+        address = canonical_address(raw.get("address"))
+        vendor_id = validate_pci_id(raw.get("vendor_id"), f"{where}: vendor_id", InvalidDevicesJson)
+        product_id = validate_pci_id(raw.get("product_id"), f"{where}: product_id", InvalidDevicesJson)
+    except ValidationError as exc:
+        raise InvalidDevicesJson(str(exc)) from None
+    dev_type = raw.get("dev_type", DEV_TYPE_PCI)
+    if dev_type not in DEV_TYPES:
+        raise InvalidDevicesJson(f"{where}: dev_type must be one of {', '.join(DEV_TYPES)}, got {dev_type!r}")
+    parent_addr = raw.get("parent_addr")
+    if dev_type == DEV_TYPE_VF:
+        if parent_addr is None:
+            raise InvalidDevicesJson(f"{where}: a type-VF needs parent_addr")
+        try:
+            parent_addr = canonical_address(parent_addr)
+        except ValidationError as exc:
+            raise InvalidDevicesJson(f"{where}: parent_addr: {exc}") from None
+        if parent_addr == address:
+            raise InvalidDevicesJson(f"{where}: a VF cannot be its own parent")
+    elif parent_addr is not None:
+        raise InvalidDevicesJson(f"{where}: only a type-VF has a parent_addr")
+    numa_node = _optional_int(raw.get("numa_node"), f"{where}: numa_node", allow_negative_one=True)
+    iommu_group = _optional_int(raw.get("iommu_group"), f"{where}: iommu_group")
+    strings: dict[str, str | None] = {}
+    for key in ("dev_id", "label", "devname"):
+        value = raw.get(key)
+        if value is not None and (not isinstance(value, str) or not value or len(value) > 64):
+            raise InvalidDevicesJson(f"{where}: {key} must be a short string, got {value!r}")
+        strings[key] = value
+    return PciDevice(
+        address=address,
+        vendor_id=vendor_id,
+        product_id=product_id,
+        dev_type=dev_type,
+        parent_addr=parent_addr,
+        numa_node=numa_node,
+        iommu_group=iommu_group,
+        dev_id=strings["dev_id"],
+        label=strings["label"],
+        devname=strings["devname"],
+        tags=dict(tags or {}),
+    )
+
+
+def _optional_int(value: object, what: str, allow_negative_one: bool = False) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidDevicesJson(f"{what} must be an integer or null, got {value!r}")
+    if allow_negative_one and value == -1:
+        return None
+    if value < 0:
+        raise InvalidDevicesJson(f"{what} must not be negative, got {value}")
+    return value

@@ -1,0 +1,530 @@
+"""The host PCI tracker (Nova's ``PciDevTracker``), persisted as it changes.
+
+Same method names as Nova, different durability: Nova keeps an in-memory
+"master copy" and flushes it on ``save()``, so a crash between a claim and the
+next save loses the claim.  Here every public operation runs inside one
+SQLite write transaction: it checks, changes the devices, writes exactly the
+rows it changed and commits before it returns.  If anything fails, the
+transaction rolls back and the in-memory view is reloaded from the database,
+so memory and disk never disagree.  ``save()`` remains, as a no-op, for
+callers written against Nova.
+
+Several processes may share one database: each operation first compares a
+generation counter and reloads when another process changed the devices.
+
+Indexes by address and by PF keep every step linear or better (a sync of
+4096 VFs touches each device once; Nova searches a list per device).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
+
+from ..errors import InvalidDevicesJson, InvalidPciRequest, PciDeviceRequestFailed, UnknownPciDevice, ValidationError
+from ..store import Store, Transaction
+from .address import DEV_TYPE_PF, DEV_TYPE_VF, canonical_address
+from .device import ASSIGNED, HYPERVISOR_FIELDS, PciDevice, PciStatus, device_from_hypervisor
+from .devspec import Whitelist
+from .request import InstancePciRequest, get_instance_pci_requests
+from .stats import PciDeviceStats
+
+__all__ = ["PciDevTracker", "instance_uuid_of"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS pci_devices (
+        node TEXT NOT NULL, address TEXT NOT NULL, vendor_id TEXT NOT NULL, product_id TEXT NOT NULL,
+        dev_type TEXT NOT NULL, parent_addr TEXT, numa_node INTEGER, iommu_group INTEGER,
+        dev_id TEXT, label TEXT, devname TEXT, tags TEXT NOT NULL, status TEXT NOT NULL,
+        instance_uuid TEXT, request_id TEXT, stale TEXT, vanished INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (node, address))""",
+    """CREATE TABLE IF NOT EXISTS pci_requests (
+        node TEXT NOT NULL, instance_uuid TEXT NOT NULL, request_id TEXT NOT NULL, body TEXT NOT NULL,
+        PRIMARY KEY (node, instance_uuid, request_id))""",
+    """CREATE TABLE IF NOT EXISTS pci_meta (node TEXT PRIMARY KEY, generation INTEGER NOT NULL)""",
+)
+_COLUMNS = (*HYPERVISOR_FIELDS, "tags", "status", "instance_uuid", "request_id", "stale", "vanished")
+_OWNER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+
+def instance_uuid_of(instance: str | Mapping[str, Any]) -> str:
+    """An instance is given as its id or as a mapping with ``uuid`` (Nova's instance dict)."""
+    value = instance.get("uuid") if isinstance(instance, Mapping) else instance
+    if not isinstance(value, str) or not _OWNER_RE.fullmatch(value):
+        raise InvalidPciRequest(f"Instance must be an id or a mapping with a 'uuid', got {instance!r}")
+    return value
+
+
+class _Change:
+    """Devices touched by one operation (written together at its end)."""
+
+    def __init__(self) -> None:
+        self.touched: dict[str, PciDevice] = {}
+        self.deleted: set[str] = set()
+        self.requests_put: list[tuple[str, InstancePciRequest]] = []
+        self.requests_deleted: set[tuple[str, str]] = set()
+
+    def touch(self, devices: Iterable[PciDevice]) -> None:
+        for device in devices:
+            self.touched[device.address] = device
+
+
+class PciDevTracker:
+    """Tracks one host's PCI devices and their use by instances (VMs).
+
+    *whitelist* is the operator's ``device_spec``; only matching devices are
+    tracked.  *grouping_keys* and *numa_sockets* configure the pools.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        whitelist: Whitelist | None = None,
+        *,
+        node_id: str = "local",
+        grouping_keys: Sequence[str] | None = None,
+        numa_sockets: Mapping[int, int] | None = None,
+    ) -> None:
+        self.store = store
+        self.node_id = node_id
+        self.dev_filter = whitelist if whitelist is not None else Whitelist.from_config([])
+        self.stats = PciDeviceStats(grouping_keys, numa_sockets)
+        self._devs: dict[str, PciDevice] = {}
+        self._requests: dict[str, dict[str, InstancePciRequest]] = {}
+        self._generation = -1
+        with store.transaction() as txn:
+            for statement in _SCHEMA:
+                txn.execute(statement)
+            txn.execute("INSERT OR IGNORE INTO pci_meta (node, generation) VALUES (?, 0)", (node_id,))
+            self._load(txn)
+
+    # -- views ----------------------------------------------------------------
+    @property
+    def pci_stats(self) -> PciDeviceStats:
+        return self.stats
+
+    @property
+    def all_devs(self) -> list[PciDevice]:
+        """Tracked devices, by address."""
+        return [self._devs[a] for a in sorted(self._devs)]
+
+    def get_device(self, address: str) -> PciDevice:
+        device = self._devs.get(canonical_address(address))
+        if device is None:
+            raise UnknownPciDevice(f"No tracked host PCI device at {address}")
+        return device
+
+    def get_instance_pci_devs(self, instance: str | Mapping[str, Any], request_id: str | None = None) -> list[PciDevice]:
+        """Devices claimed or allocated by *instance* for one request.
+
+        ``request_id=None`` gives the devices of generic (flavor alias)
+        requests, ``'all'`` every device of the instance, a request id the
+        devices that answered that request (the marker of seed 004).
+        """
+        self.refresh()
+        uuid = instance_uuid_of(instance)
+        owned = [d for d in self.all_devs if d.instance_uuid == uuid and d.status in ASSIGNED]
+        if request_id == "all":
+            return owned
+        if request_id is None:
+            generic = {r.request_id for r in self._requests_of(uuid) if r.source == "flavor"}
+            return [d for d in owned if d.request_id is None or d.request_id in generic]
+        return [d for d in owned if d.request_id == request_id]
+
+    def instance_requests(self, instance: str | Mapping[str, Any]) -> list[InstancePciRequest]:
+        """The requests an instance's claims answer (kept so the flavor need not be read again)."""
+        return self._requests_of(instance_uuid_of(instance))
+
+    def save(self) -> None:
+        """Kept for Nova compatibility: every change is already committed when its method returns."""
+
+    def refresh(self) -> None:
+        """Reload when another process changed this host's devices."""
+        with self.store.transaction() as txn:
+            if self._read_generation(txn) != self._generation:
+                self._load(txn)
+
+    # -- sync -------------------------------------------------------------------
+    def update_devices_from_hypervisor_resources(self, devices_json: str | Sequence[Mapping[str, Any]]) -> None:
+        """Sync with the hypervisor's device list (Nova's JSON).
+
+        The whole list is validated first; a malformed list changes nothing.
+        Devices that vanish are removed if free; if assigned they are kept
+        (with a warning) and removed when freed.  Changed properties of an
+        assigned device are parked and applied when it is freed.
+        """
+        reported = self._parse_devices_json(devices_json)
+        self._mutate(lambda change: self._sync(reported, change))
+
+    def _parse_devices_json(self, devices_json: str | Sequence[Mapping[str, Any]]) -> dict[str, PciDevice]:
+        if isinstance(devices_json, (str, bytes)):
+            try:
+                devices_json = json.loads(devices_json)
+            except ValueError as exc:
+                raise InvalidDevicesJson(f"Device list is not valid JSON: {exc}") from None
+        if not isinstance(devices_json, list):
+            raise InvalidDevicesJson("Device list must be a JSON list of device objects")
+        reported: dict[str, PciDevice] = {}
+        for raw in devices_json:
+            device = device_from_hypervisor(raw)
+            if device.address in reported:
+                raise InvalidDevicesJson(f"Device {device.address} is listed twice")
+            tags = self.dev_filter.match(device.hypervisor_values())
+            if tags is None:
+                continue  # not in the device_spec: not ours to track
+            device.tags = dict(tags)
+            reported[device.address] = device
+        return reported
+
+    def _sync(self, reported: dict[str, PciDevice], change: _Change) -> None:
+        for address in [a for a in self._devs if a not in reported]:
+            existing = self._devs[address]
+            if existing.status in ASSIGNED:
+                if not existing.vanished:
+                    log.warning(
+                        "PCI device %s is %s by %s but no longer reported by the hypervisor (or no longer in "
+                        "device_spec); keeping it until it is freed",
+                        address, existing.status.value, existing.instance_uuid,
+                    )
+                    existing.vanished = True
+                    change.touch([existing])
+            else:
+                self._drop(existing, change)
+        for address, new in reported.items():
+            found = self._devs.get(address)
+            if found is None:
+                self._devs[address] = new
+                change.touch([new])
+                continue
+            existing = found
+            values = {**new.hypervisor_values(), "tags": new.tags}
+            if existing.status in ASSIGNED:
+                current = {**existing.hypervisor_values(), "tags": existing.tags}
+                stale = values if values != current else None
+                if stale != existing.stale or existing.vanished:
+                    existing.stale, existing.vanished = stale, False
+                    change.touch([existing])
+            elif values != {**existing.hypervisor_values(), "tags": existing.tags}:
+                _apply(existing, values)
+                change.touch([existing])
+        self._build_tree()
+        self._fit_new_relatives(change)
+
+    def _drop(self, device: PciDevice, change: _Change) -> None:
+        """Remove a free device the host no longer reports (removed -> deleted: its row goes)."""
+        device.remove()
+        del self._devs[device.address]
+        change.touched.pop(device.address, None)
+        change.deleted.add(device.address)
+        self.stats.forget([device.address])
+
+    def _fit_new_relatives(self, change: _Change) -> None:
+        """A device that (re)appears next to an assigned relative must not look free."""
+        for device in list(change.touched.values()):
+            if device.status is not PciStatus.AVAILABLE:
+                continue
+            if device.dev_type == DEV_TYPE_VF and device.parent is not None and device.parent.status in ASSIGNED:
+                device.status = (
+                    PciStatus.UNAVAILABLE if device.parent.status is PciStatus.ALLOCATED else PciStatus.UNCLAIMABLE
+                )
+            elif device.dev_type == DEV_TYPE_PF:
+                used = [vf.status for vf in device.children if vf.status in ASSIGNED]
+                if used:
+                    device.status = (
+                        PciStatus.UNAVAILABLE if PciStatus.ALLOCATED in used else PciStatus.UNCLAIMABLE
+                    )
+
+    def _build_tree(self) -> None:
+        """Link VFs to their PFs (VFs sorted after their PF by address)."""
+        for device in self._devs.values():
+            device.children = []
+            device.parent = None
+        for address in sorted(self._devs):
+            device = self._devs[address]
+            if device.dev_type == DEV_TYPE_VF and device.parent_addr is not None:
+                parent = self._devs.get(device.parent_addr)
+                if parent is not None and parent.dev_type == DEV_TYPE_PF:
+                    device.parent = parent
+                    parent.children.append(device)
+
+    # -- claims -----------------------------------------------------------------
+    def claim_instance(
+        self,
+        instance: str | Mapping[str, Any],
+        pci_requests: Sequence[InstancePciRequest] | None = None,
+        numa_cells: Sequence[int] | None = None,
+    ) -> list[PciDevice]:
+        """Claim devices for all of *instance*'s requests at once, or none of them.
+
+        *pci_requests* default to the instance's own (``pci_requests`` or its
+        system metadata); *numa_cells* are the host NUMA nodes of the
+        instance's cells (``None``: no NUMA topology).
+        """
+        uuid = instance_uuid_of(instance)
+        if pci_requests is None:
+            pci_requests = _requests_from_instance(instance)
+        requests = list(pci_requests)
+        if not requests:
+            return []
+        ids = [r.request_id for r in requests if r.request_id is not None]
+        if len(ids) != len(set(ids)):
+            raise InvalidPciRequest("Two PCI requests of one claim share a request_id")
+
+        def claim(change: _Change) -> list[PciDevice]:
+            taken = {r.request_id for r in self._requests_of(uuid)}
+            again = [rid for rid in ids if rid in taken]
+            if again:
+                raise PciDeviceRequestFailed(f"Instance {uuid} already holds a claim for request(s) {again}")
+            claimed: list[PciDevice] = []
+            for request, devices in zip(requests, self.stats.plan(requests, numa_cells)):
+                for device in devices:
+                    change.touch(device.claim(uuid, request.request_id))
+                    claimed.append(device)
+                if request.request_id is not None:
+                    change.requests_put.append((uuid, request))
+                    self._requests.setdefault(uuid, {})[request.request_id] = request
+            if numa_cells is not None and any(d.numa_node is None for d in claimed):
+                log.warning("Assigning a PCI device without NUMA affinity to instance %s with a NUMA topology", uuid)
+            return claimed
+
+        return self._mutate(claim)
+
+    def allocate_instance(self, instance: str | Mapping[str, Any]) -> list[PciDevice]:
+        """Turn the instance's claims into allocations (the VM now uses them)."""
+        uuid = instance_uuid_of(instance)
+
+        def allocate(change: _Change) -> list[PciDevice]:
+            devices = [d for d in self.all_devs if d.instance_uuid == uuid and d.status is PciStatus.CLAIMED]
+            for device in devices:
+                change.touch(device.allocate(uuid))
+            return devices
+
+        return self._mutate(allocate)
+
+    def allocate_device(self, dev: PciDevice | str, instance: str | Mapping[str, Any]) -> list[PciDevice]:
+        """Allocate one device the instance has claimed (a hot-plugged passthrough device)."""
+        uuid = instance_uuid_of(instance)
+        address = dev.address if isinstance(dev, PciDevice) else canonical_address(dev)
+
+        def allocate(change: _Change) -> list[PciDevice]:
+            changed = self.get_device(address).allocate(uuid)
+            change.touch(changed)
+            return changed
+
+        return self._mutate(allocate)
+
+    def free_instance(self, instance: str | Mapping[str, Any]) -> list[PciDevice]:
+        """Free every device claimed or allocated by *instance*."""
+        uuid = instance_uuid_of(instance)
+        return self._mutate(lambda change: self._free_owned(uuid, ASSIGNED, change))
+
+    def free_instance_claims(self, instance: str | Mapping[str, Any]) -> list[PciDevice]:
+        """Free only what *instance* has claimed (not allocated)."""
+        uuid = instance_uuid_of(instance)
+        return self._mutate(lambda change: self._free_owned(uuid, {PciStatus.CLAIMED}, change))
+
+    def free_device(self, dev: PciDevice | str, instance: str | Mapping[str, Any]) -> list[PciDevice]:
+        """Free one device of *instance* (a device object or its address)."""
+        uuid = instance_uuid_of(instance)
+        address = dev.address if isinstance(dev, PciDevice) else canonical_address(dev)
+
+        def free(change: _Change) -> list[PciDevice]:
+            device = self.get_device(address)
+            freed = self._free_one(device, uuid, change)
+            self._forget_requests(uuid, change)
+            return freed
+
+        return self._mutate(free)
+
+    def update_pci_for_instance(self, instance: str | Mapping[str, Any], sign: int) -> list[PciDevice]:
+        """``sign=1``: allocate the instance's claims; ``sign=-1``: free all its devices."""
+        if sign == 1:
+            return self.allocate_instance(instance)
+        if sign == -1:
+            return self.free_instance(instance)
+        raise InvalidPciRequest(f"sign must be 1 or -1, got {sign!r}")
+
+    def update_pci_for_migration(self, instance: str | Mapping[str, Any], sign: int = 1) -> list[PciDevice]:
+        """On the destination host: ``sign=1`` claims for the incoming instance, ``-1`` drops that claim."""
+        uuid = instance_uuid_of(instance)
+        if sign == 1:
+            if any(d.instance_uuid == uuid for d in self.all_devs):
+                return []  # already claimed here
+            return self.claim_instance(instance)
+        if sign == -1:
+            return self.free_instance_claims(instance)
+        raise InvalidPciRequest(f"sign must be 1 or -1, got {sign!r}")
+
+    def clean_usage(
+        self,
+        instances: Iterable[str | Mapping[str, Any]],
+        migrations: Iterable[Mapping[str, Any]],
+        orphans: Iterable[str | Mapping[str, Any]],
+    ) -> list[PciDevice]:
+        """Free the devices of every instance not named in *instances*, *migrations* or *orphans*."""
+        keep = {instance_uuid_of(i) for i in instances}
+        keep |= {instance_uuid_of(m.get("instance_uuid", "")) for m in migrations}
+        keep |= {instance_uuid_of(o) for o in orphans}
+
+        def clean(change: _Change) -> list[PciDevice]:
+            freed: list[PciDevice] = []
+            owners = sorted({d.instance_uuid for d in self._devs.values() if d.instance_uuid and d.status in ASSIGNED})
+            for uuid in owners:
+                if uuid not in keep:
+                    freed += self._free_owned(uuid, ASSIGNED, change)
+            return freed
+
+        return self._mutate(clean)
+
+    # -- internals --------------------------------------------------------------
+    def _free_owned(self, uuid: str, states: Iterable[PciStatus], change: _Change) -> list[PciDevice]:
+        states = frozenset(states)
+        freed: list[PciDevice] = []
+        for device in [d for d in self.all_devs if d.instance_uuid == uuid and d.status in states]:
+            freed += self._free_one(device, uuid, change)
+        self._forget_requests(uuid, change)
+        return freed
+
+    def _free_one(self, device: PciDevice, uuid: str, change: _Change) -> list[PciDevice]:
+        changed = device.free(uuid)
+        change.touch(changed)
+        if device.stale is not None:
+            _apply(device, device.stale)
+            device.stale = None
+        if device.vanished:
+            device.vanished = False
+            self._drop(device, change)
+            self._build_tree()
+        return [d for d in changed if d.address in self._devs]
+
+    def _requests_of(self, uuid: str) -> list[InstancePciRequest]:
+        return [self._requests[uuid][rid] for rid in sorted(self._requests.get(uuid, {}))]
+
+    def _forget_requests(self, uuid: str, change: _Change) -> None:
+        """Drop the stored requests of an instance that no longer holds any device."""
+        if not any(d.instance_uuid == uuid for d in self._devs.values()):
+            for request_id in self._requests.pop(uuid, {}):
+                change.requests_deleted.add((uuid, request_id))
+
+    def _mutate(self, work: Callable[[_Change], T]) -> T:
+        """Run *work* and persist what it changed in one transaction; on failure reload from disk."""
+        try:
+            with self.store.transaction() as txn:
+                if self._read_generation(txn) != self._generation:
+                    self._load(txn)
+                change = _Change()
+                result = work(change)
+                self._flush(txn, change)
+        except BaseException:
+            self._reload()
+            raise
+        self.stats.update(change.touched.values())
+        return result
+
+    def _flush(self, txn: Transaction, change: _Change) -> None:
+        if change.deleted:
+            txn.executemany(
+                "DELETE FROM pci_devices WHERE node = ? AND address = ?", [(self.node_id, a) for a in change.deleted]
+            )
+        if change.touched:
+            placeholders = ", ".join("?" for _ in range(len(_COLUMNS) + 1))
+            txn.executemany(
+                f"INSERT OR REPLACE INTO pci_devices (node, {', '.join(_COLUMNS)}) VALUES ({placeholders})",
+                [(self.node_id, *_to_row(d)) for d in change.touched.values()],
+            )
+        for uuid, request in change.requests_put:
+            txn.execute(
+                "INSERT OR REPLACE INTO pci_requests (node, instance_uuid, request_id, body) VALUES (?, ?, ?, ?)",
+                (self.node_id, uuid, request.request_id, request.to_json()),
+            )
+        if change.requests_deleted:
+            txn.executemany(
+                "DELETE FROM pci_requests WHERE node = ? AND instance_uuid = ? AND request_id = ?",
+                [(self.node_id, u, r) for u, r in change.requests_deleted],
+            )
+        if change.touched or change.deleted or change.requests_put or change.requests_deleted:
+            self._generation = self._read_generation(txn) + 1
+            txn.execute("UPDATE pci_meta SET generation = ? WHERE node = ?", (self._generation, self.node_id))
+
+    def _read_generation(self, txn: Transaction) -> int:
+        row = txn.execute("SELECT generation FROM pci_meta WHERE node = ?", (self.node_id,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def _reload(self) -> None:
+        with self.store.transaction() as txn:
+            self._load(txn)
+
+    def _load(self, txn: Transaction) -> None:
+        rows = txn.execute(
+            f"SELECT {', '.join(_COLUMNS)} FROM pci_devices WHERE node = ? ORDER BY address", (self.node_id,)
+        ).fetchall()
+        self._devs = {}
+        for row in rows:
+            device = _from_row(row)
+            self._devs[device.address] = device
+        self._build_tree()
+        self.stats.clear()
+        self.stats.update(self._devs.values())
+        self._requests = {}
+        for uuid, body in txn.execute(
+            "SELECT instance_uuid, body FROM pci_requests WHERE node = ?", (self.node_id,)
+        ).fetchall():
+            request = InstancePciRequest.from_json(body)
+            if request.request_id is not None:
+                self._requests.setdefault(uuid, {})[request.request_id] = request
+        self._generation = self._read_generation(txn)
+
+
+def _apply(device: PciDevice, values: Mapping[str, Any]) -> None:
+    for name in HYPERVISOR_FIELDS:
+        if name in values:
+            setattr(device, name, values[name])
+    if "tags" in values:
+        device.tags = dict(values["tags"])
+
+
+def _to_row(device: PciDevice) -> tuple[Any, ...]:
+    return (
+        *(getattr(device, name) for name in HYPERVISOR_FIELDS),
+        json.dumps(device.tags, sort_keys=True),
+        device.status.value,
+        device.instance_uuid,
+        device.request_id,
+        None if device.stale is None else json.dumps(device.stale, sort_keys=True),
+        int(device.vanished),
+    )
+
+
+def _from_row(row: Sequence[Any]) -> PciDevice:
+    values = dict(zip(_COLUMNS, row))
+    return PciDevice(
+        **{name: values[name] for name in HYPERVISOR_FIELDS},
+        tags=json.loads(values["tags"]),
+        status=PciStatus(values["status"]),
+        instance_uuid=values["instance_uuid"],
+        request_id=values["request_id"],
+        stale=None if values["stale"] is None else json.loads(values["stale"]),
+        vanished=bool(values["vanished"]),
+    )
+
+
+def _requests_from_instance(instance: str | Mapping[str, Any]) -> list[InstancePciRequest]:
+    if not isinstance(instance, Mapping):
+        return []
+    given = instance.get("pci_requests")
+    if given is not None:
+        try:
+            return [
+                r if isinstance(r, InstancePciRequest)
+                else InstancePciRequest.from_json(r) if isinstance(r, (str, bytes))
+                else InstancePciRequest.from_dict(r)
+                for r in given
+            ]
+        except (ValidationError, TypeError, AttributeError) as exc:
+            raise InvalidPciRequest(f"Bad pci_requests of instance {instance.get('uuid')!r}: {exc}") from None
+    return get_instance_pci_requests(instance)

@@ -1,0 +1,270 @@
+"""PciDevTracker: Nova's semantics, persisted as it changes (real SQLite)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+
+import pytest
+
+from kvmslots import Store
+from kvmslots.errors import (
+    InvalidDevicesJson,
+    PciDeviceInvalidOwner,
+    PciDeviceInvalidStatus,
+    PciDeviceRequestFailed,
+)
+from kvmslots.pci.devspec import Whitelist
+from kvmslots.pci.device import PciStatus
+from kvmslots.pci.tracker import PciDevTracker
+
+from pcihost import host, pf_addr, plain_addr, request, vf_addr
+
+ALL_INTEL = Whitelist.from_config([json.dumps({"vendor_id": "8086", "physical_network": "physnet1"})])
+
+
+@pytest.fixture
+def state(tmp_path):
+    return tmp_path / "state"
+
+
+def open_tracker(state_dir, whitelist=ALL_INTEL, **kw):
+    return PciDevTracker(Store(state_dir), whitelist, **kw)
+
+
+@pytest.fixture
+def tracker(state):
+    t = open_tracker(state)
+    t.update_devices_from_hypervisor_resources(json.dumps(host()))
+    return t
+
+
+def snapshot(tracker):
+    return [d.record() for d in tracker.all_devs], [p.describe() for p in tracker.pci_stats.pools]
+
+
+def status(tracker, address):
+    return tracker.get_device(address).status
+
+
+def test_sync_tracks_whitelisted_devices_with_tags_and_tree(tracker):
+    assert len(tracker.all_devs) == 2 + 8 + 2
+    pf = tracker.get_device(pf_addr(0))
+    assert [vf.address for vf in pf.children] == [vf_addr(0, v) for v in range(4)]
+    assert pf.tags == {"physical_network": "physnet1"}
+    assert tracker.pci_stats.free_count() == 12
+    vf_pools = [p for p in tracker.pci_stats.pools if p.dev_type == "type-VF"]
+    assert sorted((p.parent_addr, p.count) for p in vf_pools) == [(pf_addr(0), 4), (pf_addr(1), 4)]
+
+
+def test_devices_outside_the_spec_are_not_tracked(state):
+    t = open_tracker(state, Whitelist.from_config([{"address": pf_addr(0)}]))
+    t.update_devices_from_hypervisor_resources(host())
+    assert [d.address for d in t.all_devs] == [pf_addr(0)] + [vf_addr(0, v) for v in range(4)]
+
+
+def test_vf_claim_takes_its_pf_out_and_pf_claim_its_vfs(tracker):
+    [vf] = tracker.claim_instance("vm-a", [request("type-VF")])
+    assert vf.status is PciStatus.CLAIMED and vf.parent.status is PciStatus.UNCLAIMABLE
+    [pf] = tracker.claim_instance("vm-b", [request("type-PF")])
+    assert pf.address != vf.parent.address
+    assert {c.status for c in pf.children} == {PciStatus.UNCLAIMABLE}
+    assert tracker.pci_stats.free_count() == 12 - 1 - 1 - 1 - 4
+    tracker.allocate_instance("vm-b")
+    assert {c.status for c in pf.children} == {PciStatus.UNAVAILABLE}
+    tracker.free_instance("vm-b")
+    assert pf.status is PciStatus.AVAILABLE and {c.status for c in pf.children} == {PciStatus.AVAILABLE}
+    tracker.free_instance("vm-a")
+    assert tracker.pci_stats.free_count() == 12
+
+
+def test_parent_pf_is_free_again_only_when_every_sibling_vf_is(tracker):
+    a, b = tracker.claim_instance("vm-a", [request("type-VF", count=2)])
+    assert a.parent is b.parent  # greedy, same pool
+    tracker.free_device(a, "vm-a")
+    assert a.parent.status is PciStatus.UNCLAIMABLE
+    tracker.free_device(b.address, "vm-a")
+    assert a.parent.status is PciStatus.AVAILABLE
+
+
+def test_wrong_state_or_owner_is_typed_and_changes_nothing(tracker):
+    [dev] = tracker.claim_instance("vm-a", [request("type-PCI")])
+    before = snapshot(tracker)
+    with pytest.raises(PciDeviceInvalidOwner):
+        tracker.free_device(dev, "vm-b")
+    with pytest.raises(PciDeviceInvalidOwner):
+        dev.allocate("vm-b")
+    with pytest.raises(PciDeviceInvalidStatus):
+        tracker.get_device(plain_addr(1)).free()
+    with pytest.raises(PciDeviceInvalidStatus):
+        tracker.get_device(pf_addr(0)).free()
+    assert snapshot(tracker) == before
+
+
+def test_a_claim_of_several_requests_is_all_or_nothing(tracker):
+    before = snapshot(tracker)
+    with pytest.raises(PciDeviceRequestFailed):
+        tracker.claim_instance("vm-a", [request("type-PCI", count=2), request("type-PCI", count=1)])
+    assert snapshot(tracker) == before
+    # a VF of PF0 and both PFs cannot be had together: PF0 is out once its VF is taken
+    with pytest.raises(PciDeviceRequestFailed):
+        tracker.claim_instance("vm-a", [request("type-VF"), request("type-PF", count=2)])
+    assert snapshot(tracker) == before
+    assert len(tracker.claim_instance("vm-a", [request("type-VF"), request("type-PF")])) == 2
+
+
+def test_pf_pools_serve_only_pf_requests(tracker):
+    untyped = request("type-PF")
+    untyped.spec[0].pop("dev_type")
+    with pytest.raises(PciDeviceRequestFailed):
+        tracker.claim_instance("vm-a", [untyped])
+
+
+def test_alias_tags_must_match_device_tags(tracker):
+    assert tracker.claim_instance("vm-a", [request("type-VF", physical_network="physnet1")])
+    with pytest.raises(PciDeviceRequestFailed):
+        tracker.claim_instance("vm-b", [request("type-VF", physical_network="physnet2")])
+
+
+@pytest.mark.parametrize(
+    "policy,cells,expect_nodes",
+    [("required", [1], {1}), ("legacy", [1], {1}), ("preferred", [1], {1}), ("required", None, {0})],
+)
+def test_numa_policies(tracker, policy, cells, expect_nodes):
+    devs = tracker.claim_instance("vm-a", [request("type-PCI", policy=policy)], numa_cells=cells)
+    assert {d.numa_node for d in devs} == expect_nodes
+
+
+def test_numa_required_fails_and_preferred_falls_back(state):
+    t = open_tracker(state)
+    t.update_devices_from_hypervisor_resources(host(plain=1))  # plain device only on node 0
+    with pytest.raises(PciDeviceRequestFailed):
+        t.claim_instance("vm-a", [request("type-PCI", policy="required")], numa_cells=[1])
+    assert t.claim_instance("vm-a", [request("type-PCI", policy="preferred")], numa_cells=[1])
+
+
+def test_socket_policy_uses_the_host_socket_map(state):
+    t = open_tracker(state, numa_sockets={0: 0, 1: 0, 2: 1})
+    t.update_devices_from_hypervisor_resources(host(plain=1))
+    assert t.claim_instance("vm-a", [request("type-PCI", policy="socket")], numa_cells=[1])
+    t2 = open_tracker(state.parent / "s2", numa_sockets={0: 0, 1: 1})
+    t2.update_devices_from_hypervisor_resources(host(plain=1))
+    with pytest.raises(PciDeviceRequestFailed):
+        t2.claim_instance("vm-a", [request("type-PCI", policy="socket")], numa_cells=[1])
+
+
+def test_grouping_keys_choose_which_tags_split_pools(state):
+    wl = Whitelist.from_config([{"address": pf_addr(0), "physical_network": "net0", "trusted": "true"},
+                                {"address": pf_addr(1), "physical_network": "net0", "trusted": "false"}])
+    grouped = open_tracker(state, wl, grouping_keys=["physical_network"])
+    grouped.update_devices_from_hypervisor_resources(host(plain=0, numa=False))
+    everything = open_tracker(state.parent / "other", wl)
+    everything.update_devices_from_hypervisor_resources(host(plain=0, numa=False))
+    pf_pools = lambda t: [p for p in t.pci_stats.pools if p.dev_type == "type-PF"]  # noqa: E731
+    assert len(pf_pools(grouped)) == 1 and len(pf_pools(everything)) == 2
+    # a tag outside the grouping keys is still honoured device by device
+    [pf] = grouped.claim_instance("vm-a", [request("type-PF", trusted="false")])
+    assert pf.address == pf_addr(1)
+
+
+def test_vanished_assigned_device_is_kept_until_freed(tracker, caplog):
+    [dev] = tracker.claim_instance("vm-a", [request("type-PCI")])
+    tracker.allocate_instance("vm-a")
+    remaining = [d for d in host() if d["address"] != dev.address]
+    with caplog.at_level(logging.WARNING):
+        tracker.update_devices_from_hypervisor_resources(remaining)
+    assert "no longer reported" in caplog.text
+    assert tracker.get_device(dev.address).status is PciStatus.ALLOCATED
+    tracker.free_instance("vm-a")
+    assert dev.address not in {d.address for d in tracker.all_devs}
+
+
+def test_changed_properties_of_an_assigned_device_apply_when_freed(tracker):
+    [dev] = tracker.claim_instance("vm-a", [request("type-PCI")])
+    changed = [dict(d, numa_node=1) if d["address"] == dev.address else d for d in host()]
+    tracker.update_devices_from_hypervisor_resources(changed)
+    assert tracker.get_device(dev.address).numa_node == 0 and tracker.get_device(dev.address).stale
+    tracker.free_instance("vm-a")
+    assert tracker.get_device(dev.address).numa_node == 1 and tracker.get_device(dev.address).stale is None
+
+
+def test_a_vf_that_appears_under_an_allocated_pf_is_not_free(tracker):
+    [pf] = tracker.claim_instance("vm-a", [request("type-PF")])
+    tracker.allocate_instance("vm-a")
+    new_addr = vf_addr(0, 9) if pf.address == pf_addr(0) else vf_addr(1, 9)
+    more = host() + [{"address": new_addr, "vendor_id": "8086", "product_id": "154c", "dev_type": "type-VF",
+                      "parent_addr": pf.address, "numa_node": 0}]
+    tracker.update_devices_from_hypervisor_resources(more)
+    assert tracker.get_device(new_addr).status is PciStatus.UNAVAILABLE
+    assert all(p.dev_type != "type-VF" or p.parent_addr != pf.address for p in tracker.pci_stats.pools)
+
+
+@pytest.mark.parametrize("bad", [
+    "not json", "{}", json.dumps([{"address": "0000:04:20.0", "vendor_id": "8086", "product_id": "1521"}]),
+    json.dumps([{"address": "0000:04:00.0", "vendor_id": "80861", "product_id": "1521"}]),
+    json.dumps([{"address": "0000:04:00.0", "vendor_id": "8086", "product_id": "1521", "dev_type": "type-XX"}]),
+    json.dumps([{"address": "0000:04:00.1", "vendor_id": "8086", "product_id": "1521", "dev_type": "type-VF"}]),
+    json.dumps([{"address": "0000:04:00.0", "vendor_id": "8086", "product_id": "1521", "numa_node": "0"}]),
+    json.dumps([{"address": "0000:04:00.0", "vendor_id": "8086", "product_id": "1521", "surprise": 1}]),
+    json.dumps([{"address": "0000:04:00.0", "vendor_id": "8086", "product_id": "1521"}] * 2),
+])
+def test_bad_devices_json_is_typed_and_changes_nothing(tracker, bad):
+    before = snapshot(tracker)
+    with pytest.raises(InvalidDevicesJson):
+        tracker.update_devices_from_hypervisor_resources(bad)
+    assert snapshot(tracker) == before
+
+
+def test_request_ids_mark_which_device_answered_which_request(tracker):
+    gpu, nic = request("type-PCI"), request("type-VF")
+    port = request("type-VF")
+    port.source = "port"
+    tracker.claim_instance({"uuid": "vm-a"}, [gpu, nic, port])
+    assert [d.dev_type for d in tracker.get_instance_pci_devs("vm-a", gpu.request_id)] == ["type-PCI"]
+    assert len(tracker.get_instance_pci_devs("vm-a", "all")) == 3
+    assert len(tracker.get_instance_pci_devs("vm-a")) == 2  # None: the generic (flavor) requests
+    assert [d.request_id for d in tracker.get_instance_pci_devs("vm-a", port.request_id)] == [port.request_id]
+
+
+def test_migration_claims_and_clean_usage(tracker):
+    incoming = {"uuid": "vm-m", "pci_requests": [request("type-PCI").to_json()]}
+    assert len(tracker.update_pci_for_migration(incoming, 1)) == 1
+    assert tracker.update_pci_for_migration(incoming, 1) == []  # already claimed here
+    tracker.update_pci_for_migration(incoming, -1)
+    assert tracker.get_instance_pci_devs("vm-m", "all") == []
+    tracker.claim_instance("vm-a", [request("type-PCI")])
+    tracker.claim_instance("vm-b", [request("type-VF")])
+    tracker.update_pci_for_instance({"uuid": "vm-b"}, 1)
+    tracker.clean_usage([{"uuid": "vm-a"}], [], [])
+    assert tracker.get_instance_pci_devs("vm-b", "all") == []
+    assert len(tracker.get_instance_pci_devs("vm-a", "all")) == 1
+    assert tracker.pci_stats.free_count() == 12 - 1  # all but vm-a's device
+
+
+def test_reopening_rebuilds_exactly_the_same_state(state, tracker):
+    tracker.claim_instance("vm-a", [request("type-VF", count=2), request("type-PCI")])
+    tracker.allocate_instance("vm-a")
+    tracker.claim_instance("vm-b", [request("type-PF")])
+    reopened = open_tracker(state)
+    assert snapshot(reopened) == snapshot(tracker)
+    assert reopened.instance_requests("vm-a") == tracker.instance_requests("vm-a")
+
+
+def _claim_then_crash(state_dir):
+    t = open_tracker(state_dir)
+    t.claim_instance("vm-crash", [request("type-PCI")])
+    os._exit(9)  # no save(), no clean shutdown
+
+
+def test_a_crash_right_after_a_claim_loses_nothing(state, tracker):
+    ctx = multiprocessing.get_context("spawn")
+    child = ctx.Process(target=_claim_then_crash, args=(state,))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 9
+    reopened = open_tracker(state)
+    assert len(reopened.get_instance_pci_devs("vm-crash", "all")) == 1
+    tracker.refresh()  # the long-lived tracker sees the other process's claim too
+    assert snapshot(tracker) == snapshot(reopened)
