@@ -363,3 +363,25 @@ def test_a_crash_between_steps_is_repaired_by_reconcile(
             assert nxt.slot == device.slot + 1
         else:
             assert nxt.slot == device.slot  # the slot came back only once QEMU showed it free
+
+
+def test_devices_behind_an_unnumbered_bridge_are_never_taken_for_removed(tmp_path):
+    """With -S (no firmware yet) query-pci lists no devices behind bridges; qom-list still has them."""
+    bridge = ["-device", "pci-bridge,id=br1,chassis_nr=1,bus=pci.0,addr=0x1f"]
+    mask = "1111" + "0" * 27 + "1"
+    with Store(tmp_path / "state") as store:
+        plan = asyncio.run(plan_boot(store, VMSpec("vm1", mask=mask),
+                                     [DeviceSpec(uid(1), "rng", "virtio-rng-pci", bus="br1")]))
+        with TestVM(tmp_path / "vm", mode="qtest", extra_args=bridge + plan.qemu_args) as vm:
+
+            async def scenario():
+                async with Monitor(vm.qmp_path) as mon:
+                    assert (await mon.query_pci()).find(plan.devices[0].qemu_id) is None
+                    report = await reconcile(store, mon, "vm1")
+                    assert report.unverified == [plan.devices[0].qemu_id]
+                    assert report.lost == [] and report.released == []
+                    with pytest.raises(kvmslots.MonitorError, match="firmware"):
+                        await hot_add(store, mon, "vm1", DeviceSpec(uid(2), "rng", "virtio-rng-pci", bus="br1"))
+
+            asyncio.run(scenario())
+        assert [d.qemu_id for d in store.devices("vm1")] == [plan.devices[0].qemu_id]

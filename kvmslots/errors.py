@@ -204,15 +204,16 @@ class QemuCommandError(MonitorError):
 class HotplugError(KvmSlotsError):
     """A hot add or hot remove did not complete; the state was rolled back."""
 
-    qemu_message: str | None = None
+    def __init__(self, message: str, qemu_message: str | None = None) -> None:
+        self.qemu_message = qemu_message
+        super().__init__(message)
 
 
 class DeviceAddFailed(HotplugError):
     """``device_add`` failed or its result could not be confirmed."""
 
     def __init__(self, message: str, qemu_message: str | None = None) -> None:
-        self.qemu_message = qemu_message
-        super().__init__(message if not qemu_message else f"{message}: {qemu_message}")
+        super().__init__(message if not qemu_message else f"{message}: {qemu_message}", qemu_message)
 
 
 class VerificationFailed(DeviceAddFailed):
@@ -224,9 +225,8 @@ class UnplugGuestError(HotplugError):
 
     def __init__(self, device_id: str, detail: str = "") -> None:
         self.device_id = device_id
-        self.qemu_message = detail or None
         text = f"The guest refused to unplug {device_id}"
-        super().__init__(text + (f": {detail}" if detail else ""))
+        super().__init__(text + (f": {detail}" if detail else ""), detail or None)
 
 
 # --- host PCI passthrough ---------------------------------------------------

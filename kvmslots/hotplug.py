@@ -263,11 +263,17 @@ async def _hot_add(store: Store, monitor: MonitorLike, vm: str, spec: DeviceSpec
             ) from exc
         except MonitorConnectionLost as exc:
             raise await _undo_unknown(store, monitor, vm, device, undo_timeout, exc) from exc
+        except asyncio.CancelledError:
+            await asyncio.shield(_undo_unknown(store, monitor, vm, device, undo_timeout, "cancelled"))
+            raise
         break
     try:
         live = (await monitor.pci()).find(device.qemu_id)
     except MonitorError as exc:
         raise await _undo_unknown(store, monitor, vm, device, undo_timeout, exc) from exc
+    except asyncio.CancelledError:
+        await asyncio.shield(_undo_unknown(store, monitor, vm, device, undo_timeout, "cancelled"))
+        raise
     if live is None or (live.bus, live.slot) != (bus_number, device.slot):
         where = "absent" if live is None else f"at bus {live.bus} slot {live.slot}"
         failure = VerificationFailed(
@@ -316,9 +322,10 @@ def _find(store: Store, vm: str, uuid: str) -> Device | None:
         return txn.find_device(vm, uuid)
 
 
-def _forget(store: Store, vm: str, device: Device) -> None:
+def _forget(store: Store, vm: str, device: Device) -> bool:
+    """Release *device*'s slot, but only if the record is still the one we acted on."""
     with store.transaction() as txn:
-        txn.remove_device(vm, device.uuid)
+        return txn.remove_device(vm, device.uuid, expect=device)
 
 
 async def _undo_added(
@@ -327,52 +334,73 @@ async def _undo_added(
     """QEMU has the device but the add failed: remove it, then release the slot.
 
     If the guest does not confirm the removal in time the device is left
-    ``detaching`` (its slot stays taken) and the error says so.
+    ``detaching`` (its slot stays taken) and the error says so; if QEMU
+    refuses the removal, it is left ``attaching`` for :func:`reconcile`.
     """
+    def with_note(note: str, extra: str | None = None) -> DeviceAddFailed:
+        message = " / ".join(m for m in (failure.qemu_message, extra) if m) or None
+        return type(failure)(f"{failure}; {note}", message)
+
     try:
         deleted = await monitor.device_del(device.qemu_id, timeout)
     except QemuCommandError as exc:
-        deleted = exc.error_class == "DeviceNotFound"
+        if exc.error_class != "DeviceNotFound":
+            log.error("Could not undo %s: %s", device.qemu_id, exc)
+            return with_note(
+                f"undoing it failed too (device_del: {exc.qemu_message}), so it is left 'attaching' with slot "
+                f"{device.slot} reserved until reconcile()", exc.qemu_message
+            )
+        deleted = True
     except (MonitorError, HotplugError) as exc:
         log.error("Could not undo %s: %s", device.qemu_id, exc)
-        deleted = False
+        return with_note(
+            f"undoing it failed too ({exc}), so it is left 'attaching' with slot {device.slot} reserved until reconcile()",
+            getattr(exc, "qemu_message", None),
+        )
     if deleted:
         _forget(store, vm, device)
         return failure
     with store.transaction() as txn:
         txn.set_state(vm, device.uuid, DeviceState.DETACHING)
-    return type(failure)(
-        f"{failure}; its removal is not confirmed yet, so slot {device.slot} stays reserved "
-        "until DEVICE_DELETED arrives (hot_del or reconcile finishes it)",
-        failure.qemu_message,
+    return with_note(
+        f"its removal is not confirmed yet, so slot {device.slot} stays reserved until DEVICE_DELETED arrives "
+        "(hot_del, watch_unplugs or reconcile finishes it)"
     )
 
 
 async def _undo_unknown(
-    store: Store, monitor: MonitorLike, vm: str, device: Device, timeout: float, cause: Exception
+    store: Store, monitor: MonitorLike, vm: str, device: Device, timeout: float, cause: object
 ) -> DeviceAddFailed:
-    """The connection dropped after ``device_add`` was sent: find out what QEMU did, then undo.
+    """``device_add`` was sent but its outcome is unknown (lost connection, cancellation):
+    find out what QEMU did, then undo.
 
-    If we cannot reconnect we cannot know, so the device stays ``attaching``
+    If QEMU cannot be asked (no reconnect), the device stays ``attaching``
     (its slot taken) and :func:`reconcile` settles it later.
     """
-    reconnect = getattr(monitor, "reconnect", None)
-    if reconnect is not None:
-        try:
-            await reconnect()
-            live = (await monitor.pci()).find(device.qemu_id)
-        except MonitorError as exc:
-            log.error("Reconnect after a lost connection failed: %s", exc)
-        else:
-            failure = DeviceAddFailed(f"QMP connection lost while adding {device.qemu_id}: {cause}")
-            if live is None:
-                _forget(store, vm, device)
-                return failure
-            return await _undo_added(store, monitor, vm, device, timeout, failure)
-    return DeviceAddFailed(
-        f"QMP connection lost while adding {device.qemu_id}: {cause}; the device is left 'attaching' "
-        f"with slot {device.slot} reserved until reconcile() sees what QEMU did"
+    view: PciOccupancy | None = None
+    try:
+        view = await monitor.pci()
+    except MonitorError:
+        reconnect = getattr(monitor, "reconnect", None)
+        if reconnect is not None:
+            try:
+                await reconnect()
+                view = await monitor.pci()
+            except MonitorError as exc:
+                log.error("Reconnect after a lost connection failed: %s", exc)
+    if view is None:
+        return DeviceAddFailed(
+            f"QMP connection lost while adding {device.qemu_id}: {cause}; the device is left 'attaching' "
+            f"with slot {device.slot} reserved until reconcile() sees what QEMU did"
+        )
+    what = f"QMP connection lost while adding {device.qemu_id}" if isinstance(cause, MonitorError) else (
+        f"Adding {device.qemu_id} was {cause}"
     )
+    failure = DeviceAddFailed(f"{what}: {cause}" if isinstance(cause, MonitorError) else what)
+    if not view.has(device.qemu_id):
+        _forget(store, vm, device)
+        return failure
+    return await _undo_added(store, monitor, vm, device, timeout, failure)
 
 
 # --------------------------------------------------------------------------- hot remove
@@ -436,11 +464,13 @@ async def _hot_del(store: Store, monitor: MonitorLike, vm: str, uuid: str, timeo
     try:
         deleted = await monitor.device_del(device.qemu_id, timeout)
     except QemuCommandError as exc:
-        if exc.error_class == "DeviceNotFound" and (await monitor.pci()).find(device.qemu_id) is None:
+        if exc.error_class == "DeviceNotFound" and not (await monitor.pci()).has(device.qemu_id):
             deleted = True  # QEMU does not have it (already ejected, or never booted with it)
         else:
             _restore(store, vm, uuid, previous)
-            raise HotplugError(f"QEMU refused device_del of {device.qemu_id}: {exc.qemu_message}") from exc
+            raise HotplugError(
+                f"QEMU refused device_del of {device.qemu_id}: {exc.qemu_message}", exc.qemu_message
+            ) from exc
     except UnplugGuestError:
         _restore(store, vm, uuid, DeviceState.ATTACHED)
         raise
@@ -469,18 +499,19 @@ async def watch_unplugs(
             return released
         with monitor.deleted_events(set(detaching)) as events:
             view = await monitor.pci()
-            gone = [qid for qid in detaching if view.find(qid) is None]
+            gone = [qid for qid in detaching if not view.has(qid)]
             if not gone:
                 remaining = None if deadline is None else max(0.0, deadline - loop.time())
                 qid = await events.next(remaining)
                 if qid is None:
                     return released
                 gone = [qid]
-        for qid in gone:
-            _forget(store, vm, detaching[qid])
-            if host is not None:
-                host.release_guest_device(vm, detaching[qid])
-            released.append(qid)
+        async with store.vm_lock(vm):  # write under the lock, and only the record we saw
+            for qid in gone:
+                if _forget(store, vm, detaching[qid]):
+                    if host is not None:
+                        host.release_guest_device(vm, detaching[qid])
+                    released.append(qid)
 
 
 def _restore(store: Store, vm: str, uuid: str, state: DeviceState) -> None:
@@ -502,6 +533,7 @@ class ReconcileReport:
     pending: list[str] = field(default_factory=list)  # detaching and still present
     not_running: list[str] = field(default_factory=list)  # planned and absent (VM not booted with it yet)
     misplaced: list[str] = field(default_factory=list)  # present at another bus/slot than recorded
+    unverified: list[str] = field(default_factory=list)  # QEMU has it but shows it on no bus right now
     unknown: list[dict[str, Any]] = field(default_factory=list)  # live devices we did not place
 
     @property
@@ -517,6 +549,7 @@ class ReconcileReport:
             "pending": self.pending,
             "not_running": self.not_running,
             "misplaced": self.misplaced,
+            "unverified": self.unverified,
             "unknown": self.unknown,
         }
 
@@ -559,6 +592,11 @@ def _reconcile_view(store: Store, vm: str, view: PciOccupancy) -> ReconcileRepor
 
 def _reconcile_device(txn: Transaction, vm: str, device: Device, view: PciOccupancy, report: ReconcileReport) -> None:
     live = view.find(device.qemu_id)
+    if live is None and view.has(device.qemu_id):
+        # QEMU has the device but shows it on no bus (a bridge the firmware has not numbered
+        # yet, a paused or reset VM): nothing can be concluded, nothing is changed.
+        report.unverified.append(device.qemu_id)
+        return
     if live is not None:
         try:
             expected_bus = view.bus_number(device.bus)

@@ -115,18 +115,27 @@ class Monitor:
         return parse_info_pci(text)
 
     async def pci(self) -> PciOccupancy:
-        """The live PCI view: ``query-pci``, or ``info pci`` where QEMU lacks it."""
+        """The live PCI view: ``query-pci`` (or ``info pci`` where QEMU lacks it), plus the ids
+        of every device QEMU has, so that absence from the bus view is never taken for removal."""
+        view: PciOccupancy | None = None
         if self._has_query_pci is not False:
             try:
                 view = await self.query_pci()
                 self._has_query_pci = True
-                return view
             except QemuCommandError as exc:
                 if exc.error_class != "CommandNotFound":
                     raise
                 self._has_query_pci = False
                 log.info("query-pci not available at %s; falling back to info pci", self.address)
-        return await self.info_pci()
+        if view is None:
+            view = await self.info_pci()
+        view.peripherals = frozenset(await self.peripheral_ids())
+        return view
+
+    async def peripheral_ids(self) -> list[str]:
+        """Ids of all user-created devices (``qom-list /machine/peripheral``), whatever their bus state."""
+        children = await self.execute("qom-list", {"path": "/machine/peripheral"})
+        return [c["name"] for c in children if str(c.get("type", "")).startswith("child<")]
 
     async def device_add(self, arguments: Mapping[str, Any]) -> None:
         await self.execute("device_add", arguments)
@@ -156,7 +165,7 @@ class Monitor:
             except asyncio.TimeoutError:
                 return False
         if event["event"] == "DEVICE_UNPLUG_GUEST_ERROR":
-            raise UnplugGuestError(qdev_id, "QEMU reported DEVICE_UNPLUG_GUEST_ERROR")
+            raise UnplugGuestError(qdev_id, f"QEMU reported DEVICE_UNPLUG_GUEST_ERROR {event.get('data')}")
         return True
 
     @contextlib.contextmanager

@@ -45,9 +45,12 @@ class PciFunction:
 class PciOccupancy(dict[int, set[int]]):
     """``{bus_number: set_of_occupied_slots}`` plus the functions behind it."""
 
-    def __init__(self, functions: Iterable[PciFunction] = ()) -> None:
+    def __init__(self, functions: Iterable[PciFunction] = (), peripherals: Iterable[str] | None = None) -> None:
         super().__init__()
         self.functions: list[PciFunction] = []
+        #: ids of every device QEMU has (``qom-list /machine/peripheral``), placed on a bus or not;
+        #: None when unknown.  query-pci omits devices behind bridges the firmware has not numbered.
+        self.peripherals: frozenset[str] | None = None if peripherals is None else frozenset(peripherals)
         for function in functions:
             self.add(function)
 
@@ -65,6 +68,10 @@ class PciOccupancy(dict[int, set[int]]):
             return None
         matches = [f for f in self.functions if f.qdev_id == qdev_id]
         return min(matches, key=lambda f: f.function) if matches else None
+
+    def has(self, qdev_id: str) -> bool:
+        """Does QEMU have this device at all?  Absence here is what confirms a removal."""
+        return self.find(qdev_id) is not None or (self.peripherals is not None and qdev_id in self.peripherals)
 
     def at(self, bus: int, slot: int) -> list[PciFunction]:
         """Functions present at one slot."""

@@ -166,9 +166,20 @@ class Transaction:
         if cur.rowcount != 1:
             raise UnknownDevice(f"VM {vm!r} has no device with UUID {uuid}")
 
-    def remove_device(self, vm: str, uuid: str) -> None:
-        """Forget a device and so release its slot."""
-        self._conn.execute("DELETE FROM devices WHERE vm = ? AND uuid = ?", (vm, uuid))
+    def remove_device(self, vm: str, uuid: str, *, expect: Device | None = None) -> bool:
+        """Forget a device and so release its slot; True if a record went.
+
+        With *expect*, only the record with that bus, slot and state goes: a
+        caller acting on an older read never deletes a newer record.
+        """
+        if expect is None:
+            cur = self._conn.execute("DELETE FROM devices WHERE vm = ? AND uuid = ?", (vm, uuid))
+        else:
+            cur = self._conn.execute(
+                "DELETE FROM devices WHERE vm = ? AND uuid = ? AND bus = ? AND slot = ? AND state = ?",
+                (vm, uuid, expect.bus, expect.slot, expect.state.value),
+            )
+        return cur.rowcount > 0
 
     def slot_maps(self, vm: VMSpec) -> dict[str, SlotMap]:
         """One :class:`SlotMap` per bus that has a device, reserving our records."""

@@ -27,6 +27,9 @@ class FakeQemu:
     connected: bool = True
     can_reconnect: bool = True
     pending: set[str] = field(default_factory=set)
+    add_delay: float = 0.0  # seconds device_add takes after QEMU took the device
+    refuse_del: str | None = None  # QEMU error text for device_del
+    hidden: set[str] = field(default_factory=set)  # ids QEMU has but shows on no bus (unnumbered bridge)
     calls: list[str] = field(default_factory=list)
 
     def _check(self) -> None:
@@ -35,9 +38,12 @@ class FakeQemu:
 
     async def pci(self) -> PciOccupancy:
         self._check()
-        view = PciOccupancy(PciFunction(0, slot, 0, qdev_id) for slot, qdev_id in self.builtin.items())
+        view = PciOccupancy(
+            (PciFunction(0, slot, 0, qdev_id) for slot, qdev_id in self.builtin.items()), peripherals=set(self.devices)
+        )
         for qdev_id, slot in self.devices.items():
-            view.add(PciFunction(0, slot, 0, qdev_id))
+            if qdev_id not in self.hidden:
+                view.add(PciFunction(0, slot, 0, qdev_id))
         return view
 
     async def device_add(self, arguments: Mapping[str, Any]) -> None:
@@ -53,6 +59,10 @@ class FakeQemu:
         if slot in self.builtin or slot in self.devices.values():
             raise QemuCommandError("device_add", f"PCI: slot {slot} function 0 not available for x", "GenericError")
         self.devices[arguments["id"]] = slot + self.misplace_by
+        if self.add_delay:
+            import asyncio
+
+            await asyncio.sleep(self.add_delay)
         if self.lose_after_add:
             self.lose_after_add = False
             self.connected = False
@@ -63,6 +73,8 @@ class FakeQemu:
         self.calls.append(f"device_del {qdev_id}")
         if qdev_id not in self.devices:
             raise QemuCommandError("device_del", f"Device '{qdev_id}' not found", "DeviceNotFound")
+        if self.refuse_del:
+            raise QemuCommandError("device_del", self.refuse_del, "GenericError")
         if self.guest_refuses:
             raise UnplugGuestError(qdev_id, "fake refusal")
         if not self.guest_acks:

@@ -170,3 +170,32 @@ def test_reconcile_reports_lost_and_unknown(store):
     assert report.lost == [device.qemu_id]
     assert [u["qdev_id"] for u in report.unknown] == ["stranger"]
     assert states(store) == {}
+
+
+def test_a_cancelled_hot_add_is_undone(store):
+    qemu = FakeQemu(add_delay=1.0)
+
+    async def cancel_midway():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(hot_add(store, qemu, "vm1", spec(1)), timeout=0.1)
+
+    run(cancel_midway())
+    assert qemu.devices == {} and states(store) == {}  # QEMU's copy removed, slot released
+
+
+def test_a_refused_undo_keeps_the_slot_and_says_why(store):
+    qemu = FakeQemu(misplace_by=1, refuse_del="Bus 'pci.0' does not support hotplugging")
+    with pytest.raises(VerificationFailed) as info:
+        run(hot_add(store, qemu, "vm1", spec(1)))
+    assert "undoing it failed too" in str(info.value)
+    assert "does not support hotplugging" in info.value.qemu_message
+    assert list(states(store).values()) == ["attaching"]
+
+
+def test_reconcile_never_releases_a_device_qemu_has_but_cannot_place(store):
+    qemu = FakeQemu()
+    device = run(hot_add(store, qemu, "vm1", spec(1)))
+    qemu.hidden.add(device.qemu_id)  # e.g. behind a bridge after a reset, before the firmware ran
+    report = run(reconcile(store, qemu, "vm1"))
+    assert report.unverified == [device.qemu_id] and report.lost == []
+    assert states(store) == {device.qemu_id: "attached"}
