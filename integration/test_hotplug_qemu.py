@@ -385,3 +385,21 @@ def test_devices_behind_an_unnumbered_bridge_are_never_taken_for_removed(tmp_pat
 
             asyncio.run(scenario())
         assert [d.qemu_id for d in store.devices("vm1")] == [plan.devices[0].qemu_id]
+
+
+def test_q35_root_port_takes_its_one_slot_and_the_guest_sees_it(tmp_path):
+    port = ["-device", "pcie-root-port,id=rp1,chassis=1,slot=1,bus=pcie.0,addr=0x10"]
+    with Store(tmp_path / "state") as store, TestVM(tmp_path / "vm", machine="q35", extra_args=port) as vm:
+        store.define_vm(VMSpec("vm1", machine="q35"))
+
+        async def scenario():
+            async with Monitor(vm.qmp_path) as mon:
+                first = await hot_add(store, mon, "vm1", DeviceSpec(uid(1), "rng", "virtio-rng-pci", bus="rp1"))
+                with pytest.raises(kvmslots.SlotsExhausted):
+                    await hot_add(store, mon, "vm1", DeviceSpec(uid(2), "rng", "virtio-rng-pci", bus="rp1"))
+                return first, (await mon.query_pci()).bus_number("rp1")
+
+        first, bus_number = asyncio.run(scenario())
+        assert (first.bus, first.slot) == ("rp1", 0)
+        vm.wait_guest_pci(lambda seen: guest_addr(0, bus_number) in seen, timeout=30)
+        assert [d.slot for d in store.devices("vm1")] == [0]

@@ -53,6 +53,11 @@ _DRIVER_RE = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
 _PROP_NAME_RE = re.compile(r"[a-z][A-Za-z0-9_.-]{0,63}")
 #: Properties kvmslots sets itself; a caller giving them would break the id/slot contract.
 RESERVED_PROPS = frozenset({"id", "bus", "addr", "driver", "multifunction"})
+#: Properties that make QEMU open host files or devices: never from a caller.  ``host`` (the
+#: host PCI address of vfio-pci) is set only by kvmslots' passthrough path, from the tracker.
+HOST_ACCESS_PROPS = frozenset({"romfile", "sysfsdev", "host"})
+#: Drivers that hand a host device to the guest: only through the passthrough path.
+PASSTHROUGH_DRIVERS = frozenset({"vfio-pci"})
 MAX_DEV_TYPE = 16
 
 
@@ -60,7 +65,10 @@ def validate_uuid(value: object) -> str:
     """Return the canonical lowercase form of a UUID string, or raise :class:`InvalidUUID`."""
     if not isinstance(value, str) or not _UUID_RE.fullmatch(value):
         raise InvalidUUID(f"Not a UUID (8-4-4-4-12 hex digits): {value!r}")
-    return str(_uuid.UUID(value))
+    parsed = _uuid.UUID(value)
+    if parsed.int in (0, (1 << 128) - 1):
+        raise InvalidUUID(f"The nil or max UUID does not identify a device: {value!r}")
+    return str(parsed)
 
 
 def uuid8(value: str) -> str:
@@ -116,8 +124,14 @@ def validate_driver(value: object) -> str:
     return value
 
 
-def validate_props(props: Mapping[str, object] | None) -> dict[str, PropValue]:
-    """Extra ``-device`` properties: safe names, scalar values, none of the reserved ones."""
+def validate_props(props: Mapping[str, object] | None, driver: str | None = None) -> dict[str, PropValue]:
+    """Extra ``-device`` properties: safe names, scalar values, none of the reserved ones.
+
+    Properties that reach host files or devices (``romfile``, ``sysfsdev``,
+    experimental ``x-*``) are refused: a caller must not be able to expose a
+    host file to a guest through kvmslots.  ``host`` is accepted only for a
+    passthrough driver, whose address the tracker chose.
+    """
     if props is None:
         return {}
     if not isinstance(props, Mapping):
@@ -128,6 +142,11 @@ def validate_props(props: Mapping[str, object] | None) -> dict[str, PropValue]:
             raise InvalidProperty(f"Bad device property name {name!r}")
         if name in RESERVED_PROPS:
             raise InvalidProperty(f"Device property {name!r} is set by kvmslots and cannot be given")
+        if name.startswith("x-") or (name in HOST_ACCESS_PROPS and not (name == "host" and driver in PASSTHROUGH_DRIVERS)):
+            raise InvalidProperty(
+                f"Device property {name!r} gives the guest access to host resources and is not accepted"
+                + ("; use a PassthroughSpec for host PCI devices" if name in ("host", "sysfsdev") else "")
+            )
         if isinstance(value, str):
             if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
                 raise InvalidProperty(f"Device property {name!r} has a control character")

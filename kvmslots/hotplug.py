@@ -22,8 +22,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from .devid import validate_uuid
+from .devid import PASSTHROUGH_DRIVERS, validate_uuid
 from .errors import (
+    InvalidDriver,
     InvalidPciRequest,
     DeviceAddFailed,
     DeviceExists,
@@ -110,6 +111,7 @@ async def plan_boot(
         new_claims: list[str] = []
         try:
             for spec in devices:
+                _refuse_raw_passthrough(spec)
                 if isinstance(spec, PassthroughSpec):
                     address = _host_for_boot(name, spec, stored.get(spec.uuid), host, new_claims)
                     specs.append(spec.guest_spec(address))
@@ -125,6 +127,14 @@ async def plan_boot(
             for device in plan.dropped:
                 host.release_guest_device(name, device)
         return plan
+
+
+def _refuse_raw_passthrough(spec: DeviceSpec | PassthroughSpec) -> None:
+    """A host device reaches a guest only through the tracker (PassthroughSpec), never directly."""
+    if isinstance(spec, DeviceSpec) and spec.driver in PASSTHROUGH_DRIVERS:
+        raise InvalidDriver(
+            f"Driver {spec.driver!r} passes a host device through: use PassthroughSpec so the tracker claims it"
+        )
 
 
 def _host_for_boot(
@@ -228,6 +238,7 @@ async def hot_add(
     id ``hostdev-<uuid8>-pci-<slot>``, and its claim becomes an allocation;
     on failure the host device is freed with the slot.
     """
+    _refuse_raw_passthrough(spec)
     async with store.vm_lock(vm):
         if not isinstance(spec, PassthroughSpec):
             return await _hot_add(store, monitor, vm, spec, undo_timeout)
@@ -295,7 +306,7 @@ def _reserve_for_add(store: Store, vm: str, spec: DeviceSpec, view: PciOccupancy
         if existing is not None:
             raise DeviceExists(f"VM {vm!r} already has device {spec.uuid} as {existing.qemu_id} ({existing.state})")
         ours = [d for d in txn.devices(vm) if d.bus == spec.bus]
-        slot_map = SlotMap(vm_spec.mask_for(spec.bus), bus=spec.bus)
+        slot_map = SlotMap(_live_mask(vm_spec, spec.bus, view), bus=spec.bus)
         slot_map.occupy(d.slot for d in ours)
         slot_map.occupy(live_slots)
         if spec.slot is not None and not slot_map.is_free(spec.slot) and not slot_map.is_masked(spec.slot):
@@ -307,6 +318,20 @@ def _reserve_for_add(store: Store, vm: str, spec: DeviceSpec, view: PciOccupancy
         device = Device.from_spec(spec, slot, DeviceState.ATTACHING)
         txn.add_device(vm, device)
     return device, bus_number
+
+
+#: Below a PCIe port only slot 0 exists for the guest.
+PCIE_PORT_RESERVATIONS = "0" + "1" * 31
+
+
+def _live_mask(vm: VMSpec, bus: str, view: PciOccupancy) -> str:
+    """The mask of *bus* as QEMU shows it: below a PCIe port only slot 0 (plus what the VM masks there)."""
+    if not view.is_pcie_port(bus):
+        return vm.mask_for(bus)
+    configured = vm.bus_masks.get(bus)
+    if configured is None:
+        return PCIE_PORT_RESERVATIONS
+    return "".join("1" if "1" in pair else "0" for pair in zip(configured, PCIE_PORT_RESERVATIONS))
 
 
 def _describe_live(functions: list[PciFunction]) -> str:
@@ -627,7 +652,7 @@ def _unknown_devices(vm: VMSpec, devices: Sequence[Device], view: PciOccupancy) 
         if function.qdev_id and function.qdev_id in ours:
             continue
         bus_name = "pci.0" if function.bus == 0 else bridges.get(function.bus)
-        if bus_name is not None and SlotMap(vm.mask_for(bus_name)).is_masked(function.slot):
+        if bus_name is not None and SlotMap(_live_mask(vm, bus_name, view)).is_masked(function.slot):
             continue
         unknown.append(
             {

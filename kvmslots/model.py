@@ -28,7 +28,7 @@ from .devid import (
     validate_uuid,
     validate_vm_name,
 )
-from .errors import InvalidName
+from .errors import InvalidMask, InvalidName
 from .slots import DEFAULT_PCI_RESERVATIONS, validate_mask, validate_slot
 
 __all__ = [
@@ -80,7 +80,7 @@ class DeviceSpec:
         object.__setattr__(self, "uuid", validate_uuid(self.uuid))
         validate_dev_type(self.dev_type)
         validate_driver(self.driver)
-        object.__setattr__(self, "props", validate_props(self.props))
+        object.__setattr__(self, "props", validate_props(self.props, self.driver))
         validate_bus(self.bus)
         if self.slot is not None:
             validate_slot(self.slot)
@@ -165,8 +165,10 @@ class VMSpec:
         if not isinstance(self.machine, str) or not _MACHINE_RE.fullmatch(self.machine):
             raise InvalidName(f"Machine type must look like 'pc' or 'pc-i440fx-7.2', got {self.machine!r}")
         validate_mask(self.mask)
+        if not isinstance(self.bus_masks, Mapping):
+            raise InvalidMask(f"bus_masks must map bus ids to masks, got {type(self.bus_masks).__name__}")
         masks = {}
-        for bus, mask in dict(self.bus_masks).items():
+        for bus, mask in self.bus_masks.items():
             masks[validate_bus(bus)] = validate_mask(mask)
         object.__setattr__(self, "bus_masks", masks)
 

@@ -73,16 +73,29 @@ class Monitor:
             retry=tenacity.retry_if_exception_type((ConnectError, OSError, asyncio.TimeoutError)),
             reraise=True,
         )
+        greeted = True
         try:
             async for attempt in retrying:
                 with attempt:
                     # A monitor busy with another client accepts the socket but sends no
                     # greeting until that client leaves: bound each attempt.
-                    await asyncio.wait_for(self._qmp.connect(self.address), timeout=max(1.0, self.connect_timeout / 4))
+                    try:
+                        await asyncio.wait_for(
+                            self._qmp.connect(self.address), timeout=max(1.0, self.connect_timeout / 4)
+                        )
+                    except asyncio.TimeoutError:
+                        greeted = False
+                        self._qmp = QMPClient("kvmslots")  # a timed-out client is not reusable
+                        raise
         except (ConnectError, OSError, asyncio.TimeoutError) as exc:
+            why = (
+                "the monitor accepted the connection but never greeted us (another client holds it?)"
+                if not greeted
+                else _cause(exc)
+            )
             raise MonitorUnavailable(
                 f"Cannot connect to the QMP monitor at {self.address} within {self.connect_timeout:g}s: "
-                f"{_cause(exc)} (is the VM running with -qmp unix:{self.address},server=on,wait=off?)"
+                f"{why} (is the VM running with -qmp unix:{self.address},server=on,wait=off?)"
             ) from exc
 
     async def reconnect(self) -> None:

@@ -18,10 +18,13 @@ from typing import Any, Iterable, Mapping
 
 from .errors import InvalidBus, MonitorError
 
-__all__ = ["PciFunction", "PciOccupancy", "parse_query_pci", "parse_info_pci", "ROOT_BUS_NAMES"]
+__all__ = ["PciFunction", "PciOccupancy", "parse_query_pci", "parse_info_pci", "ROOT_BUS_NAMES", "PCIE_PORT_IDS"]
 
 #: Names QEMU gives the root bus (bus number 0) of its machines.
 ROOT_BUS_NAMES = frozenset({"pci.0", "pcie.0"})
+#: (vendor, device) of QEMU's PCIe ports (pcie-root-port, ioh3420, xio3130-downstream): the link
+#: below a port has one slot, 0; QEMU accepts others but the guest never sees them.
+PCIE_PORT_IDS = frozenset({(0x1B36, 0x000C), (0x8086, 0x3420), (0x104C, 0x8233)})
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,13 @@ class PciOccupancy(dict[int, set[int]]):
     def at(self, bus: int, slot: int) -> list[PciFunction]:
         """Functions present at one slot."""
         return [f for f in self.functions if f.bus == bus and f.slot == slot]
+
+    def is_pcie_port(self, bus_name: str) -> bool:
+        """Is *bus_name* the link below a PCIe port (only slot 0 usable)?"""
+        return any(
+            f.qdev_id == bus_name and f.secondary_bus is not None and (f.vendor, f.device) in PCIE_PORT_IDS
+            for f in self.functions
+        )
 
     def bus_number(self, bus_name: str) -> int:
         """Map a QEMU bus id (``pci.0``, a bridge's id) to its bus number."""

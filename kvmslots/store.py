@@ -18,6 +18,7 @@ import fcntl
 import json
 import os
 import sqlite3
+import stat
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterable, Iterator, Mapping, Sequence
 
@@ -141,8 +142,11 @@ class Transaction:
                 raise DeviceExists(f"VM {vm!r} already has a device with UUID {device.uuid} ({other.qemu_id})")
             if other.bus == device.bus and other.slot == device.slot:
                 raise StateConflict(f"Slot {device.slot} on {device.bus} is already held by {other.qemu_id}")
-            if other.qemu_id == device.qemu_id:
-                raise DeviceExists(f"Device id {device.qemu_id} is already used in VM {vm!r}")
+            if uuid8(other.uuid) == uuid8(device.uuid) and other.slot == device.slot:
+                raise DeviceExists(
+                    f"{device.uuid} and {other.uuid} share their first UUID group and slot {device.slot}: "
+                    f"their ids would collide ({other.qemu_id})"
+                )
         self._conn.execute(
             "INSERT INTO devices (vm, uuid, uuid8, dev_type, driver, props, bus, slot, state) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -200,28 +204,27 @@ class Store:
 
     def __init__(self, state_dir: str | os.PathLike[str], *, timeout: float = 60.0) -> None:
         self.state_dir = Path(state_dir)
-        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.state_dir, 0o700)
         self.path = self.state_dir / DB_NAME
-        # Create the file ourselves so it is 0600 from the first byte on.
-        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
-        os.chmod(self.path, 0o600)
-        self._conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
-        self._conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
-        self._conn.execute("PRAGMA foreign_keys = ON")
         try:
-            self._conn.execute("PRAGMA journal_mode = WAL")
-        except sqlite3.OperationalError:  # another process is switching it at this moment
-            pass
-        self._conn.execute("PRAGMA synchronous = FULL")
+            _private_dir(self.state_dir)
+            # Create the file ourselves so it is 0600 from the first byte on; never through a symlink.
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+            self._conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
+            self._conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+            self._conn.execute("PRAGMA foreign_keys = ON")
+            with contextlib.suppress(sqlite3.OperationalError):  # another process may be switching it now
+                self._conn.execute("PRAGMA journal_mode = WAL")
+            self._conn.execute("PRAGMA synchronous = FULL")
+        except (OSError, sqlite3.Error) as exc:
+            raise StateError(f"Cannot open the state store {self.path}: {exc}") from exc
         with self.transaction() as txn:
-            version = txn._conn.execute("PRAGMA user_version").fetchone()[0]
+            version = txn.execute("PRAGMA user_version").fetchone()[0]
             if version not in (0, _SCHEMA_VERSION):
                 raise StateError(f"{self.path} has schema version {version}; this kvmslots knows {_SCHEMA_VERSION}")
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
-                    txn._conn.execute(statement)
-            txn._conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+                    txn.execute(statement)
+            txn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
 
     def close(self) -> None:
         self._conn.close()
@@ -234,15 +237,49 @@ class Store:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Transaction]:
-        """A write transaction: the database is locked for writers until it ends."""
-        self._conn.execute("BEGIN IMMEDIATE")
+        """A write transaction: the database is locked for writers until it ends.
+
+        SQLite's own errors come out typed: a broken constraint as
+        :class:`StateConflict`, anything else (busy past the timeout, a
+        corrupt file) as :class:`StateError`.
+        """
         try:
-            yield Transaction(self._conn)
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
-        else:
-            self._conn.execute("COMMIT")
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield Transaction(self._conn)
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            else:
+                self._conn.execute("COMMIT")
+        except sqlite3.IntegrityError as exc:
+            raise StateConflict(f"The change contradicts the stored state: {exc}") from exc
+        except sqlite3.Error as exc:
+            raise StateError(f"State store {self.path}: {exc}") from exc
+
+    def _lock_fd(self, vm: str) -> int:
+        lock_dir = self.state_dir / "locks"
+        lock_dir.mkdir(mode=0o700, exist_ok=True)
+        return os.open(lock_dir / f"{validate_vm_name(vm)}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+
+    @contextlib.contextmanager
+    def vm_lock_sync(self, vm: str, timeout: float = 60.0) -> Iterator[None]:
+        """:meth:`vm_lock` for synchronous callers (define, delete and import of a VM)."""
+        fd = self._lock_fd(vm)
+        try:
+            retrying = tenacity.Retrying(
+                stop=tenacity.stop_after_delay(timeout),
+                wait=tenacity.wait_exponential(multiplier=0.005, max=0.1),
+                retry=tenacity.retry_if_exception_type(BlockingIOError),
+                reraise=True,
+            )
+            try:
+                retrying(fcntl.flock, fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise VMBusy(f"VM {vm!r} is locked by another operation for more than {timeout:g}s") from None
+            yield
+        finally:
+            os.close(fd)
 
     @contextlib.asynccontextmanager
     async def vm_lock(self, vm: str, timeout: float = 60.0) -> AsyncIterator[None]:
@@ -254,9 +291,7 @@ class Store:
         one a crash left behind.  The kernel drops the lock when its holder
         dies, so a crashed process never leaves the VM locked.
         """
-        lock_dir = self.state_dir / "locks"
-        lock_dir.mkdir(mode=0o700, exist_ok=True)
-        fd = os.open(lock_dir / f"{validate_vm_name(vm)}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fd = self._lock_fd(vm)
         try:
             retrying = tenacity.AsyncRetrying(
                 stop=tenacity.stop_after_delay(timeout),
@@ -277,7 +312,7 @@ class Store:
     # -- conveniences (each its own transaction) -------------------------------
     def define_vm(self, vm: VMSpec) -> VMSpec:
         """Create or update a VM; changing the mask must not mask a slot in use."""
-        with self.transaction() as txn:
+        with self.vm_lock_sync(vm.name), self.transaction() as txn:
             for device in txn.devices(vm.name):
                 slot_map = SlotMap(vm.mask_for(device.bus), bus=device.bus)
                 if slot_map.is_masked(device.slot):
@@ -299,7 +334,7 @@ class Store:
         return [row[0] for row in self._conn.execute("SELECT name FROM vms ORDER BY name")]
 
     def delete_vm(self, name: str) -> None:
-        with self.transaction() as txn:
+        with self.vm_lock_sync(name), self.transaction() as txn:
             txn.get_vm(name)
             txn.delete_vm(name)
 
@@ -332,7 +367,7 @@ class Store:
         *replace* is true, in which case its state is replaced whole.
         """
         vm, devices = parse_export(document)
-        with self.transaction() as txn:
+        with self.vm_lock_sync(vm.name), self.transaction() as txn:
             if txn.find_vm(vm.name) is not None:
                 if not replace:
                     raise StateConflict(f"VM {vm.name!r} already exists; import with replace=True to overwrite it")
@@ -348,7 +383,7 @@ def parse_export(document: Mapping[str, Any] | str | bytes) -> tuple[VMSpec, lis
     if isinstance(document, (str, bytes)):
         try:
             document = json.loads(document)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise StateImportError(f"Runtime document is not valid JSON: {exc}") from None
     if not isinstance(document, Mapping):
         raise StateImportError("Runtime document must be a JSON object")
@@ -372,6 +407,7 @@ def parse_export(document: Mapping[str, Any] | str | bytes) -> tuple[VMSpec, lis
         raise StateImportError("'devices' must be a list")
     devices: list[Device] = []
     taken: dict[tuple[str, int], str] = {}
+    ids: dict[tuple[str, int], str] = {}
     uuids: set[str] = set()
     for index, raw in enumerate(raw_devices):
         where = f"devices[{index}]"
@@ -394,14 +430,29 @@ def parse_export(document: Mapping[str, Any] | str | bytes) -> tuple[VMSpec, lis
             raise StateImportError(f"{where}: UUID {device.uuid} appears twice")
         if SlotMap(vm.mask_for(device.bus)).is_masked(device.slot):
             raise StateImportError(f"{where}: slot {device.slot} on {device.bus} is reserved by the mask")
+        if (uuid8(device.uuid), device.slot) in ids:
+            raise StateImportError(f"{where}: its id would collide with {ids[(uuid8(device.uuid), device.slot)]}")
         if (device.bus, device.slot) in taken:
             raise StateImportError(
                 f"{where}: slot {device.slot} on {device.bus} is also held by {taken[(device.bus, device.slot)]}"
             )
         uuids.add(device.uuid)
         taken[(device.bus, device.slot)] = device.qemu_id
+        ids[(uuid8(device.uuid), device.slot)] = device.qemu_id
         devices.append(device)
     return vm, devices
+
+
+def _private_dir(path: Path) -> None:
+    """Create the state dir 0700; an existing one must be a directory of ours (not a symlink)."""
+    try:
+        path.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        info = path.lstat()
+        if not stat.S_ISDIR(info.st_mode):
+            raise StateError(f"State directory {path} exists and is not a directory") from None
+        if info.st_uid != os.geteuid():
+            raise StateError(f"State directory {path} belongs to uid {info.st_uid}, not to us") from None
 
 
 def _expect_keys(obj: Mapping[str, Any], keys: set[str], where: str) -> None:

@@ -28,7 +28,7 @@ def test_a_socket_that_never_greets_times_out(tmp_path):
             async with Monitor(path, connect_timeout=1.0):
                 pass
 
-        with pytest.raises(MonitorUnavailable):
+        with pytest.raises(MonitorUnavailable, match="never greeted"):
             asyncio.run(connect())
     finally:
         server.close()

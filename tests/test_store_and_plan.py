@@ -249,3 +249,66 @@ def _lock_and_die(state_dir):
                 os._exit(9)
 
     asyncio.run(hold())
+
+
+def test_ids_that_would_collide_across_buses_are_refused_typed(store):
+    a = str(uuid.UUID("9f3c2a1b-0000-4000-8000-000000000001"))
+    b = str(uuid.UUID("9f3c2a1b-0000-4000-8000-000000000002"))  # same first group
+    vm = VMSpec("vm1", bus_masks={"br1": "1" + "0" * 31})
+    with pytest.raises(DeviceExists, match="collide"):
+        plan(store, vm, [DeviceSpec(a, "nic", "e1000", slot=5), DeviceSpec(b, "dev", "pci-testdev", bus="br1", slot=5)])
+    doc = {"format": "kvmslots.vm-state", "version": 1, "vm": vm.to_json(), "devices": [
+        {"uuid": a, "type": "nic", "driver": "e1000", "props": {}, "bus": "pci.0", "slot": 5, "state": "planned",
+         "id": f"nic-9f3c2a1b-pci-5"},
+        {"uuid": b, "type": "dev", "driver": "pci-testdev", "props": {}, "bus": "br1", "slot": 5, "state": "planned",
+         "id": f"dev-9f3c2a1b-pci-5"}]}
+    with pytest.raises(StateImportError, match="collide"):
+        store.import_vm(doc)
+    assert store.vms() == []
+
+
+@pytest.mark.parametrize("props", [{"romfile": "/etc/passwd"}, {"x-pcie-lnksta-dllla": True}, {"sysfsdev": "/sys/x"},
+                                   {"host": "0000:04:00.0"}])
+def test_properties_that_reach_host_resources_are_refused(props):
+    with pytest.raises(kvmslots.InvalidProperty, match="host"):
+        DeviceSpec(uid(1), "nic", "e1000", props)
+
+
+def test_raw_vfio_devices_must_go_through_the_tracker(store):
+    raw = DeviceSpec(uid(1), "hostdev", "vfio-pci", {"host": "0000:04:00.0"})
+    with pytest.raises(kvmslots.InvalidDriver, match="PassthroughSpec"):
+        plan(store, VMSpec("vm1"), [raw])
+    assert store.vms() == []
+
+
+def test_nil_uuid_and_bad_bus_masks():
+    with pytest.raises(kvmslots.InvalidUUID):
+        kvmslots.device_id("nic", "00000000-0000-0000-0000-000000000000", 5)
+    for bad in (None, "ab", [1]):
+        with pytest.raises(kvmslots.ValidationError):
+            VMSpec("vm1", bus_masks=bad)
+
+
+def test_store_refuses_odd_paths_with_typed_errors(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(kvmslots.StateError):
+        Store(tmp_path / "file")
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "kvmslots.sqlite3").write_bytes(b"not a database" * 100)
+    with pytest.raises(kvmslots.StateError):
+        Store(tmp_path / "corrupt")
+    deep = "[" * 100000 + "]" * 100000
+    with Store(tmp_path / "ok") as store, pytest.raises(StateImportError):
+        store.import_vm(deep)
+
+
+def test_define_and_import_wait_for_the_vm_lock(tmp_path):
+    async def scenario():
+        with Store(tmp_path / "s") as a, Store(tmp_path / "s") as b:
+            async with a.vm_lock("vm1"):
+                with pytest.raises(kvmslots.VMBusy):
+                    with b.vm_lock_sync("vm1", timeout=0.2):
+                        pass
+            b.define_vm(VMSpec("vm1"))
+
+    asyncio.run(scenario())
