@@ -239,11 +239,12 @@ async def hot_add(
     on failure the host device is freed with the slot.
     """
     _refuse_raw_passthrough(spec)
+    if isinstance(spec, PassthroughSpec) and host is None:
+        raise InvalidPciRequest(f"Passthrough device {spec.uuid} needs host=HostDevices(tracker)")
     async with store.vm_lock(vm):
         if not isinstance(spec, PassthroughSpec):
             return await _hot_add(store, monitor, vm, spec, undo_timeout)
-        if host is None:
-            raise InvalidPciRequest(f"Passthrough device {spec.uuid} needs host=HostDevices(tracker)")
+        assert host is not None
         store.get_vm(vm)
         hostdev = host.claim(vm, spec)
         try:
@@ -470,11 +471,15 @@ async def hot_del(
     rebuilt from the stored slot, and we wait for ``DEVICE_DELETED`` of exactly
     that id.  Confirmed: the device is forgotten.  Timeout: ``pending`` is
     returned and the slot stays taken.  Guest refusal: :class:`UnplugGuestError`
-    and the device stays attached.
+    and the device stays attached.  A passthrough device's host device is
+    freed (and given back to the host) only once the removal is confirmed.
     """
     uuid = validate_uuid(device_uuid)
     async with store.vm_lock(vm):
-        return await _hot_del(store, monitor, vm, uuid, timeout)
+        result = await _hot_del(store, monitor, vm, uuid, timeout)
+        if result.removed and host is not None:
+            host.release_guest_device(vm, result.device)
+        return result
 
 
 async def _hot_del(store: Store, monitor: MonitorLike, vm: str, uuid: str, timeout: float) -> HotDelResult:
