@@ -128,7 +128,7 @@ class PciDevTracker:
         """
         self.refresh()
         uuid = instance_uuid_of(instance)
-        owned = [d for d in self.all_devs if d.instance_uuid == uuid and d.status in ASSIGNED]
+        owned = self._owned_by(uuid, ASSIGNED)
         if request_id == "all":
             return owned
         if request_id is None:
@@ -299,7 +299,7 @@ class PciDevTracker:
         uuid = instance_uuid_of(instance)
 
         def allocate(change: _Change) -> list[PciDevice]:
-            devices = [d for d in self.all_devs if d.instance_uuid == uuid and d.status is PciStatus.CLAIMED]
+            devices = self._owned_by(uuid, {PciStatus.CLAIMED})
             for device in devices:
                 change.touch(device.allocate(uuid))
             return devices
@@ -353,7 +353,7 @@ class PciDevTracker:
         """On the destination host: ``sign=1`` claims for the incoming instance, ``-1`` drops that claim."""
         uuid = instance_uuid_of(instance)
         if sign == 1:
-            if any(d.instance_uuid == uuid for d in self.all_devs):
+            if self._owned_by(uuid, ASSIGNED):
                 return []  # already claimed here
             return self.claim_instance(instance)
         if sign == -1:
@@ -385,7 +385,7 @@ class PciDevTracker:
     def _free_owned(self, uuid: str, states: Iterable[PciStatus], change: _Change) -> list[PciDevice]:
         states = frozenset(states)
         freed: list[PciDevice] = []
-        for device in [d for d in self.all_devs if d.instance_uuid == uuid and d.status in states]:
+        for device in self._owned_by(uuid, states):
             freed += self._free_one(device, uuid, change)
         self._forget_requests(uuid, change)
         return freed
@@ -401,6 +401,12 @@ class PciDevTracker:
             self._drop(device, change)
             self._build_tree()
         return [d for d in changed if d.address in self._devs]
+
+    def _owned_by(self, uuid: str, states: Iterable[PciStatus]) -> list[PciDevice]:
+        """The instance's devices in *states*, by address (one pass, sorting only the few found)."""
+        wanted = frozenset(states)
+        found = [d for d in self._devs.values() if d.instance_uuid == uuid and d.status in wanted]
+        return sorted(found, key=lambda d: d.address)
 
     def _requests_of(self, uuid: str) -> list[InstancePciRequest]:
         return [self._requests[uuid][rid] for rid in sorted(self._requests.get(uuid, {}))]
