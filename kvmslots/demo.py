@@ -1,9 +1,14 @@
-"""A demo on a disposable VM: ``python3 -m kvmslots.demo``.
+"""``kvmslots demo``: the whole life cycle on a disposable VM, in about ten seconds.
 
-It boots the tiny test guest with a boot plan, hot-adds devices next to one
-placed behind kvmslots' back, hot-removes some, and prints what QEMU and the
-guest see at each step, so a newcomer can watch the whole life cycle in a few
-seconds.  Nothing is left behind: the VM and the state directory are temporary.
+It boots the tiny test guest (TCG) with three planned devices, hot-adds two,
+draws the slot map before and after, hot-removes one with the guest's
+confirmation, claims a passthrough device from a built-in example host
+inventory and shows its planned ``vfio-pci`` argument, reconciles, shuts the
+guest down, and says what each step did and how long it took.
+
+The state it creates stays in the state directory it reports (so that
+``kvmslots --state DIR show demo`` works afterwards); the VM, its sockets and
+its logs are removed, and no QEMU process outlives the demo.
 """
 
 from __future__ import annotations
@@ -12,77 +17,173 @@ import asyncio
 import json
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any, Callable, TypeVar
 
-from . import DeviceSpec, Monitor, Store, VMSpec, hot_add, hot_del, plan_boot, reconcile
+from . import hotplug
 from .errors import KvmSlotsError
+from .model import DeviceSpec, VMSpec
+from .monitor import Monitor
+from .store import Store
 from .testvm import TestVM
 
+__all__ = ["run_demo", "main"]
 
-def _say(text: str) -> None:
-    print(text, flush=True)
+T = TypeVar("T")
+VM = "demo"
+# Built-in example host inventory: one SR-IOV NIC (a PF with 4 VFs) and one GPU-like device.
+EXAMPLE_DEVICE_SPEC = [{"vendor_id": "8086", "physical_network": "physnet1"}, {"vendor_id": "10de"}]
+EXAMPLE_ALIASES = [{"name": "gpu", "vendor_id": "10de", "product_id": "1eb8", "device_type": "type-PCI"}]
 
 
-def _guest_slots(vm: TestVM) -> str:
-    return " ".join(str(s) for s in sorted(vm.guest_pci_slots()))
+class _Steps:
+    """Runs named steps, timing each, printing as it goes (or collecting JSON)."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self.records: list[dict[str, Any]] = []
+
+    def run(self, name: str, work: Callable[[], T], describe: Callable[[T], str]) -> T:
+        start = time.perf_counter()
+        result = work()
+        seconds = time.perf_counter() - start
+        text = describe(result)
+        self.records.append({"step": name, "seconds": round(seconds, 4), "result": text})
+        if not self.as_json:
+            print(f"[{seconds * 1000:8.1f} ms] {name}: {text}", flush=True)
+        return result
+
+    def say(self, text: str) -> None:
+        if not self.as_json:
+            print(text, flush=True)
 
 
-async def _live(vm: TestVM, store: Store) -> None:
-    async with Monitor(vm.qmp_path) as mon:
-        report = await reconcile(store, mon, "demo")
-        _say(f"reconcile after boot: attached {report.attached}")
+def _ticker(stop: threading.Event, as_json: bool) -> None:
+    """Dots on stderr while the guest boots (the boot itself must stay on the main thread:
+    QEMU is tied to the thread that started it through PR_SET_PDEATHSIG)."""
+    while not stop.wait(0.25):
+        if not as_json:
+            print(".", end="", file=sys.stderr, flush=True)
+    if not as_json:
+        print("", file=sys.stderr, flush=True)
 
-        foreign = "stranger"
-        await mon.execute("device_add", {"driver": "pci-testdev", "id": foreign, "addr": "0x7"})
-        _say(f"raw QMP added {foreign!r} at slot 7 behind kvmslots' back")
 
-        added = []
-        for n, (kind, driver) in enumerate([("rng", "virtio-rng-pci"), ("test", "pci-testdev"), ("nic", "e1000")]):
-            start = time.perf_counter()
-            device = await hot_add(store, mon, "demo", DeviceSpec(str(uuid.uuid4()), kind, driver))
-            ms = (time.perf_counter() - start) * 1000
-            _say(f"hot_add {driver:15} -> {device.qemu_id} at slot {device.slot} ({ms:.1f} ms, verified in query-pci)")
-            added.append(device)
-        vm.wait_guest_pci(lambda seen: all(f"0000:00:{d.slot:02x}.0" in seen for d in added))
-        _say(f"guest sees slots: {_guest_slots(vm)}")
+def _new() -> str:
+    return str(uuid.uuid4())
 
-        for device in added[:2]:
-            start = time.perf_counter()
-            result = await hot_del(store, mon, "demo", device.uuid, timeout=10)
-            ms = (time.perf_counter() - start) * 1000
-            _say(f"hot_del {device.qemu_id}: {result.status} ({ms:.1f} ms, DEVICE_DELETED)")
-        vm.wait_guest_pci(lambda seen: all(f"0000:00:{d.slot:02x}.0" not in seen for d in added[:2]))
-        _say(f"guest sees slots: {_guest_slots(vm)}")
 
-        again = await hot_add(store, mon, "demo", DeviceSpec(str(uuid.uuid4()), "rng", "virtio-rng-pci"))
-        _say(f"hot_add reuses the first freed slot: {again.qemu_id}")
-        report = await reconcile(store, mon, "demo")
-        _say(f"reconcile: unknown live devices {[u['qdev_id'] for u in report.unknown]}")
+def run_demo(state_dir: str | None = None, *, as_json: bool = False) -> int:
+    from .cli import render_slot_map, slot_states
+    from .pci.devspec import Whitelist
+    from .pci.fakehost import sriov_topology
+    from .pci.request import get_pci_requests_from_flavor, parse_aliases
+    from .pci.tracker import PciDevTracker
+    from .passthrough import HostDevices, PassthroughSpec
+
+    state = Path(state_dir) if state_dir else Path(tempfile.mkdtemp(prefix="kvmslots-demo-"))
+    steps = _Steps(as_json)
+    steps.say(f"kvmslots demo; state directory: {state}")
+    try:
+        with Store(state) as store:
+            boot_devices = [
+                DeviceSpec(_new(), "nic", "virtio-net-pci", {"mac": "52:54:00:12:34:56"}),
+                DeviceSpec(_new(), "rng", "virtio-rng-pci"),
+                DeviceSpec(_new(), "test", "pci-testdev"),
+            ]
+            plan = steps.run(
+                "plan 3 boot devices",
+                lambda: asyncio.run(hotplug.plan_boot(store, VMSpec(VM), boot_devices)),
+                lambda p: " ".join(p.qemu_args),
+            )
+
+            def boot() -> TestVM:
+                stop = threading.Event()
+                ticker = threading.Thread(target=_ticker, args=(stop, as_json), daemon=True)
+                ticker.start()
+                try:
+                    return TestVM(extra_args=plan.qemu_args).start()
+                finally:
+                    stop.set()
+                    ticker.join()
+
+            vm = steps.run("boot a disposable guest (TCG)", boot, lambda v: f"QEMU pid {v.pid}, guest shell up")
+            try:
+                steps.run("guest sees", vm.guest_pci_slots, lambda slots: f"slots {sorted(slots)}")
+
+                def show() -> str:
+                    async def view() -> Any:
+                        async with Monitor(vm.qmp_path) as mon:
+                            await hotplug.reconcile(store, mon, VM)
+                            return await mon.pci()
+
+                    live = asyncio.run(view())
+                    devices = store.devices(VM)
+                    return render_slot_map(store.get_vm(VM), devices, slot_states(store.get_vm(VM), devices, live),
+                                           live=True)
+
+                steps.say(steps.run("slot map before", show, lambda _: "drawn below"))
+
+                async def add_two() -> list[Any]:
+                    async with Monitor(vm.qmp_path) as mon:
+                        return [
+                            await hotplug.hot_add(store, mon, VM, DeviceSpec(_new(), "rng", "virtio-rng-pci")),
+                            await hotplug.hot_add(store, mon, VM, DeviceSpec(_new(), "nic", "e1000")),
+                        ]
+
+                added = steps.run("hot add 2 devices", lambda: asyncio.run(add_two()),
+                                  lambda ds: ", ".join(f"{d.qemu_id} at slot {d.slot}" for d in ds))
+                steps.run("guest sees them", lambda: vm.wait_guest_pci(
+                    lambda seen: all(f"0000:00:{d.slot:02x}.0" in seen for d in added)),
+                    lambda seen: f"{len(seen)} PCI functions")
+                steps.say(steps.run("slot map after", show, lambda _: "drawn below"))
+
+                async def remove_one() -> Any:
+                    async with Monitor(vm.qmp_path) as mon:
+                        return await hotplug.hot_del(store, mon, VM, added[0].uuid, timeout=30)
+
+                steps.run("hot remove one", lambda: asyncio.run(remove_one()),
+                          lambda r: f"{r.device.qemu_id} {r.status} (the guest ejected it: DEVICE_DELETED)")
+                steps.run("guest no longer sees it", lambda: vm.wait_guest_pci(
+                    lambda seen: f"0000:00:{added[0].slot:02x}.0" not in seen), lambda seen: "confirmed")
+
+                def passthrough() -> str:
+                    tracker = PciDevTracker(store, Whitelist.from_config(EXAMPLE_DEVICE_SPEC))
+                    inventory = sriov_topology(pfs=1, vfs_per_pf=4, plain=0) + [
+                        {"address": "0000:3b:00.0", "vendor_id": "10de", "product_id": "1eb8", "dev_type": "type-PCI",
+                         "numa_node": 0, "iommu_group": 60, "dev_id": "pci_0000_3b_00_0", "label": "label_10de_1eb8"}]
+                    tracker.update_devices_from_hypervisor_resources(inventory)
+                    [request] = get_pci_requests_from_flavor(
+                        {"extra_specs": {"pci_passthrough:alias": "gpu:1"}}, parse_aliases(EXAMPLE_ALIASES))
+                    gpu_plan = asyncio.run(hotplug.plan_boot(
+                        store, VMSpec("demo-gpu"), [PassthroughSpec(_new(), request)], host=HostDevices(tracker)))
+                    return " ".join(gpu_plan.qemu_args)
+
+                steps.run("claim a passthrough GPU from the example inventory (VM demo-gpu)", passthrough,
+                          lambda args: args)
+
+                async def settle() -> Any:
+                    async with Monitor(vm.qmp_path) as mon:
+                        return await hotplug.reconcile(store, mon, VM)
+
+                steps.run("reconcile", lambda: asyncio.run(settle()),
+                          lambda r: "records match QEMU" if not (r.changed or r.unknown or r.misplaced) else str(r.to_json()))
+            finally:
+                steps.run("shut the guest down", lambda: vm.stop(), lambda _: "QEMU stopped, VM files removed")
+    except KvmSlotsError as exc:
+        print(f"kvmslots demo failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps({"state_dir": str(state), "steps": steps.records}))
+    else:
+        steps.say(f"done. The state stays in {state}: try  kvmslots --state {state} show {VM}")
+    return 0
 
 
 def main() -> int:
-    with tempfile.TemporaryDirectory(prefix="kvmslots-demo-") as tmp:
-        with Store(Path(tmp) / "state") as store:
-            devices = [
-                DeviceSpec(str(uuid.uuid4()), "nic", "virtio-net-pci", {"mac": "52:54:00:12:34:56"}),
-                DeviceSpec(str(uuid.uuid4()), "rng", "virtio-rng-pci"),
-            ]
-            plan = asyncio.run(plan_boot(store, VMSpec("demo"), devices))
-            _say("boot plan: qemu-system-x86_64 ... " + " ".join(plan.qemu_args))
-            try:
-                start = time.perf_counter()
-                with TestVM(Path(tmp) / "vm", extra_args=plan.qemu_args) as vm:
-                    _say(f"guest booted in {time.perf_counter() - start:.1f} s (TCG); it sees slots: {_guest_slots(vm)}")
-                    asyncio.run(_live(vm, store))
-                    _say("exported state (migration document):")
-                    _say(json.dumps(store.export_vm("demo"), indent=2))
-            except KvmSlotsError as exc:
-                _say(f"demo failed: {type(exc).__name__}: {exc}")
-                return 1
-    _say("demo done: the VM is stopped and its state removed")
-    return 0
+    return run_demo()
 
 
 if __name__ == "__main__":

@@ -268,3 +268,13 @@ def test_a_crash_right_after_a_claim_loses_nothing(state, tracker):
     assert len(reopened.get_instance_pci_devs("vm-crash", "all")) == 1
     tracker.refresh()  # the long-lived tracker sees the other process's claim too
     assert snapshot(tracker) == snapshot(reopened)
+
+
+def test_sync_reports_what_it_did(tracker):
+    [dev] = tracker.claim_instance("vm-a", [request("type-PCI")])
+    devices = [d for d in host() if d["address"] not in (dev.address, vf_addr(1, 3))]
+    devices = [dict(d, numa_node=1) if d["address"] == pf_addr(0) else d for d in devices]
+    devices.append({"address": "0000:1c:00.0", "vendor_id": "8086", "product_id": "0443", "dev_type": "type-PCI"})
+    report = tracker.update_devices_from_hypervisor_resources(devices)
+    assert report.to_json() == {"added": ["0000:1c:00.0"], "updated": [pf_addr(0)], "removed": [vf_addr(1, 3)],
+                                "kept": [dev.address]}

@@ -259,9 +259,9 @@ def test_ids_that_would_collide_across_buses_are_refused_typed(store):
         plan(store, vm, [DeviceSpec(a, "nic", "e1000", slot=5), DeviceSpec(b, "dev", "pci-testdev", bus="br1", slot=5)])
     doc = {"format": "kvmslots.vm-state", "version": 1, "vm": vm.to_json(), "devices": [
         {"uuid": a, "type": "nic", "driver": "e1000", "props": {}, "bus": "pci.0", "slot": 5, "state": "planned",
-         "id": f"nic-9f3c2a1b-pci-5"},
+         "id": "nic-9f3c2a1b-pci-5"},
         {"uuid": b, "type": "dev", "driver": "pci-testdev", "props": {}, "bus": "br1", "slot": 5, "state": "planned",
-         "id": f"dev-9f3c2a1b-pci-5"}]}
+         "id": "dev-9f3c2a1b-pci-5"}]}
     with pytest.raises(StateImportError, match="collide"):
         store.import_vm(doc)
     assert store.vms() == []

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
 from ..errors import InvalidDevicesJson, InvalidPciRequest, PciDeviceRequestFailed, UnknownPciDevice, ValidationError
@@ -31,7 +32,7 @@ from .devspec import Whitelist
 from .request import InstancePciRequest, get_instance_pci_requests
 from .stats import PciDeviceStats
 
-__all__ = ["PciDevTracker", "instance_uuid_of"]
+__all__ = ["PciDevTracker", "SyncReport", "instance_uuid_of"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -58,6 +59,20 @@ def instance_uuid_of(instance: str | Mapping[str, Any]) -> str:
     if not isinstance(value, str) or not _OWNER_RE.fullmatch(value):
         raise InvalidPciRequest(f"Instance must be an id or a mapping with a 'uuid', got {instance!r}")
     return value
+
+
+@dataclass
+class SyncReport:
+    """What a sync did, by address: ``kept`` are assigned devices the host no longer reports
+    (kept until freed); ``updated`` includes changes parked on assigned devices."""
+
+    added: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, list[str]]:
+        return {"added": self.added, "updated": self.updated, "removed": self.removed, "kept": self.kept}
 
 
 class _Change:
@@ -150,7 +165,7 @@ class PciDevTracker:
                 self._load(txn)
 
     # -- sync -------------------------------------------------------------------
-    def update_devices_from_hypervisor_resources(self, devices_json: str | Sequence[Mapping[str, Any]]) -> None:
+    def update_devices_from_hypervisor_resources(self, devices_json: str | Sequence[Mapping[str, Any]]) -> SyncReport:
         """Sync with the hypervisor's device list (Nova's JSON).
 
         The whole list is validated first; a malformed list changes nothing.
@@ -159,7 +174,7 @@ class PciDevTracker:
         assigned device are parked and applied when it is freed.
         """
         reported = self._parse_devices_json(devices_json)
-        self._mutate(lambda change: self._sync(reported, change))
+        return self._mutate(lambda change: self._sync(reported, change))
 
     def _parse_devices_json(self, devices_json: str | Sequence[Mapping[str, Any]]) -> dict[str, PciDevice]:
         if isinstance(devices_json, (str, bytes)):
@@ -181,10 +196,12 @@ class PciDevTracker:
             reported[device.address] = device
         return reported
 
-    def _sync(self, reported: dict[str, PciDevice], change: _Change) -> None:
+    def _sync(self, reported: dict[str, PciDevice], change: _Change) -> SyncReport:
+        report = SyncReport()
         for address in [a for a in self._devs if a not in reported]:
             existing = self._devs[address]
             if existing.status in ASSIGNED:
+                report.kept.append(address)
                 if not existing.vanished:
                     log.warning(
                         "PCI device %s is %s by %s but no longer reported by the hypervisor (or no longer in "
@@ -195,11 +212,13 @@ class PciDevTracker:
                     change.touch([existing])
             else:
                 self._drop(existing, change)
+                report.removed.append(address)
         for address, new in reported.items():
             found = self._devs.get(address)
             if found is None:
                 self._devs[address] = new
                 change.touch([new])
+                report.added.append(address)
                 continue
             existing = found
             values = {**new.hypervisor_values(), "tags": new.tags}
@@ -209,11 +228,19 @@ class PciDevTracker:
                 if stale != existing.stale or existing.vanished:
                     existing.stale, existing.vanished = stale, False
                     change.touch([existing])
+                    if stale is not None:
+                        report.updated.append(address)
             elif values != {**existing.hypervisor_values(), "tags": existing.tags}:
                 _apply(existing, values)
                 change.touch([existing])
+                report.updated.append(address)
         self._build_tree()
         self._fit_new_relatives(change)
+        report.added.sort()
+        report.removed.sort()
+        report.kept.sort()
+        report.updated.sort()
+        return report
 
     def _drop(self, device: PciDevice, change: _Change) -> None:
         """Remove a free device the host no longer reports (removed -> deleted: its row goes)."""

@@ -1,0 +1,469 @@
+"""The ``kvmslots`` command: parse, call the library, print.
+
+Nothing here decides anything; every operation is a library call, so the CLI
+and a lifecycle manager that imports kvmslots always behave the same.
+
+Exit status: 0 ok, 1 the operation failed (nothing was changed unless the
+message says so), 2 bad usage (including a malformed value or file).  Errors
+go to stderr on one line.  ``--json`` makes every command print JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Awaitable, Callable, NoReturn, Sequence, TypeVar
+
+from . import hotplug
+from .devid import PropValue, validate_uuid, validate_vm_name
+from .errors import KvmSlotsError, ValidationError
+from .model import ROOT_BUS, Device, DeviceSpec, DeviceState, VMSpec
+from .monitor import Monitor
+from .pciview import PciOccupancy
+from .slots import DEFAULT_PCI_RESERVATIONS, NUM_SLOTS, SlotMap
+from .store import Store
+
+__all__ = ["main"]
+
+T = TypeVar("T")
+DEFAULT_STATE_DIR = "/var/lib/kvmslots"
+_SLOT_MARKS = {"reserved": "R", "ours": "O", "pending": "P", "foreign": "F", "free": "."}
+
+
+class UsageError(Exception):
+    """Bad usage: exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line on stderr, exit 2
+        self.exit(2, f"kvmslots: error: {message}\n")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _read_json_file(path: str, what: str) -> Any:
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+        return json.loads(text)
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise UsageError(f"{what} {path} is not valid JSON: {exc}") from None
+
+
+def _prop_value(text: str) -> PropValue:
+    if text.isdigit():
+        return int(text)
+    if text in ("true", "false"):
+        return text == "true"
+    return text
+
+
+def _parse_props(items: Sequence[str]) -> dict[str, PropValue]:
+    props: dict[str, PropValue] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"property {item!r} is not key=value")
+        props[key] = _prop_value(value)
+    return props
+
+
+def _split_commas(text: str) -> list[str]:
+    """Split on ',' where ',,' stands for a literal comma (QEMU's option syntax)."""
+    return [part.replace("\0", ",") for part in text.replace(",,", "\0").split(",") if part]
+
+
+def _parse_device(text: str) -> DeviceSpec:
+    """``TYPE:UUID:DRIVER[:key=value,...]``."""
+    parts = text.split(":", 3)
+    if len(parts) < 3:
+        raise UsageError(f"--device {text!r} is not TYPE:UUID:DRIVER[:key=value,...]")
+    props = _parse_props(_split_commas(parts[3])) if len(parts) == 4 else {}
+    return DeviceSpec(parts[1], parts[0], parts[2], props)
+
+
+def _device_json(device: Device) -> dict[str, Any]:
+    return {"id": device.qemu_id, "uuid": device.uuid, "type": device.dev_type, "driver": device.driver,
+            "bus": device.bus, "slot": device.slot}
+
+
+def _with_monitor(qmp: str, work: Callable[[Monitor], Awaitable[T]]) -> T:
+    async def run() -> T:
+        async with Monitor(qmp, connect_timeout=float(os.environ.get("KVMSLOTS_CONNECT_TIMEOUT", "30"))) as mon:
+            return await work(mon)
+
+    return asyncio.run(run())
+
+
+class Output:
+    """Prints text for people or JSON for programs."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+
+    def emit(self, data: Any, text: str | Callable[[], str]) -> None:
+        if self.as_json:
+            print(json.dumps(data, indent=None, sort_keys=False))
+        else:
+            print(text() if callable(text) else text)
+
+
+# --------------------------------------------------------------------------- VM commands
+
+
+def cmd_plan(args: argparse.Namespace, store: Store, out: Output) -> int:
+    devices = [_parse_device(text) for text in args.device]
+    vm: VMSpec | str = args.vm
+    if args.mask or args.machine or not store.has_vm(args.vm):
+        old = store.get_vm(args.vm) if store.has_vm(args.vm) else None
+        vm = VMSpec(args.vm, args.machine or (old.machine if old else "pc"),
+                    args.mask or (old.mask if old else DEFAULT_PCI_RESERVATIONS))
+    plan = asyncio.run(hotplug.plan_boot(store, vm, devices))
+    rows = [{**_device_json(d), "arg": d.device_option()} for d in plan.devices]
+    out.emit(rows, lambda: "\n".join(f"-device {row['arg']}" for row in rows))
+    return 0
+
+
+def cmd_attach(args: argparse.Namespace, store: Store, out: Output) -> int:
+    spec = DeviceSpec(args.uuid, args.type, args.driver, _parse_props(args.prop), args.bus, args.slot)
+    device = _with_monitor(args.qmp, lambda mon: hotplug.hot_add(store, mon, args.vm, spec))
+    out.emit(_device_json(device), f"attached {device.qemu_id} at {device.bus} slot {device.slot}")
+    return 0
+
+
+def cmd_detach(args: argparse.Namespace, store: Store, out: Output) -> int:
+    result = _with_monitor(args.qmp, lambda mon: hotplug.hot_del(store, mon, args.vm, args.uuid, timeout=args.timeout))
+    device = result.device
+    text = (
+        f"removed {device.qemu_id} (DEVICE_DELETED); slot {device.slot} is free"
+        if result.removed
+        else f"pending: {device.qemu_id} was asked to leave but the guest has not ejected it within "
+        f"{args.timeout:g}s; slot {device.slot} stays reserved until it does (run reconcile later)"
+    )
+    out.emit({"id": device.qemu_id, "uuid": device.uuid, "result": result.status.value}, text)
+    return 0
+
+
+def cmd_reconcile(args: argparse.Namespace, store: Store, out: Output) -> int:
+    report = _with_monitor(args.qmp, lambda mon: hotplug.reconcile(store, mon, args.vm))
+    data = report.to_json()
+
+    def text() -> str:
+        lines = [f"{key}: {', '.join(map(str, value)) if value else '-'}" for key, value in data.items() if key != "vm"]
+        return "\n".join([f"reconcile {args.vm}", *lines])
+
+    out.emit(data, text)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace, store: Store, out: Output) -> int:
+    vm = store.get_vm(args.vm)
+    devices = store.devices(args.vm)
+    view = _with_monitor(args.qmp, lambda mon: mon.pci()) if args.qmp else None
+    buses = slot_states(vm, devices, view)
+    data = {
+        "vm": vm.name,
+        "machine": vm.machine,
+        "buses": buses,
+        "devices": [{**_device_json(d), "state": d.state.value} for d in devices],
+        "live": view is not None,
+    }
+
+    out.emit(data, lambda: render_slot_map(vm, devices, buses, live=view is not None))
+    return 0
+
+
+def render_slot_map(vm: VMSpec, devices: Sequence[Device], buses: dict[str, list[str]], *, live: bool) -> str:
+    """The slot map as text: one row of 32 marks per bus, then the device table."""
+    lines = [f"VM {vm.name} (machine {vm.machine})" + ("" if live else "; no --qmp: foreign devices not shown")]
+    ruler = "".join(str(s // 10) if s % 10 == 0 else " " for s in range(NUM_SLOTS))
+    for bus, states in buses.items():
+        lines.append(f"  {bus:<8} {ruler}")
+        lines.append(f"  {'':<8} {''.join(_SLOT_MARKS[s] for s in states)}")
+    lines.append("  legend: R reserved, O ours, P pending (attaching/detaching), F foreign, . free")
+    if devices:
+        lines.append(f"  {'ID':<28} {'TYPE':<8} {'DRIVER':<16} {'BUS':<8} {'SLOT':>4}  STATE")
+        for d in devices:
+            lines.append(f"  {d.qemu_id:<28} {d.dev_type:<8} {d.driver:<16} {d.bus:<8} {d.slot:>4}  {d.state.value}")
+    return "\n".join(lines)
+
+
+def slot_states(vm: VMSpec, devices: Sequence[Device], view: PciOccupancy | None) -> dict[str, list[str]]:
+    names = [ROOT_BUS, *sorted({d.bus for d in devices} - {ROOT_BUS})]
+    if view is not None:
+        names += sorted({f.qdev_id for f in view.functions if f.secondary_bus and f.qdev_id} - set(names))
+    buses: dict[str, list[str]] = {}
+    for bus in names:
+        mask = SlotMap(vm.mask_for(bus))
+        states = ["reserved" if mask.is_masked(s) else "free" for s in range(NUM_SLOTS)]
+        ours = {d.qemu_id for d in devices}
+        if view is not None:
+            try:
+                number = view.bus_number(bus)
+            except KvmSlotsError:
+                number = None
+            if number is not None:
+                for f in view.functions:
+                    if f.bus == number and f.qdev_id not in ours and states[f.slot] == "free":
+                        states[f.slot] = "foreign"
+        for d in devices:
+            if d.bus == bus:
+                pending = d.state in (DeviceState.ATTACHING, DeviceState.DETACHING)
+                states[d.slot] = "pending" if pending else "ours"
+        buses[bus] = states
+    return buses
+
+
+def cmd_export(args: argparse.Namespace, store: Store, out: Output) -> int:
+    document = json.dumps(store.export_vm(args.vm), indent=2, sort_keys=True)
+    if args.output:
+        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(document + "\n")
+        out.emit({"vm": args.vm, "file": args.output}, f"exported {args.vm} to {args.output}")
+    else:
+        print(document)
+    return 0
+
+
+def cmd_import(args: argparse.Namespace, store: Store, out: Output) -> int:
+    document = _read_json_file(args.file, "runtime document")
+    vm = store.import_vm(document, replace=args.replace)
+    count = len(store.devices(vm.name))
+    out.emit({"vm": vm.name, "devices": count}, f"imported {vm.name} with {count} device(s)")
+    return 0
+
+
+# --------------------------------------------------------------------------- host commands
+
+
+def _tracker(store: Store, device_spec: Any | None = None) -> Any:
+    from .pci.devspec import Whitelist
+    from .pci.tracker import PciDevTracker
+
+    return PciDevTracker(store, Whitelist.from_config(device_spec) if device_spec is not None else None)
+
+
+def cmd_host_sync(args: argparse.Namespace, store: Store, out: Output) -> int:
+    from .pci import discovery
+
+    spec_file = Path(store.state_dir) / "device_spec.json"
+    if args.device_spec:
+        spec = _read_json_file(args.device_spec, "device spec")
+    elif spec_file.exists():
+        spec = json.loads(spec_file.read_text())
+    else:
+        raise UsageError("no device spec yet: give --device-spec FILE (a JSON list of Nova device_spec entries)")
+    tracker = _tracker(store, spec)  # validates the spec before anything is read or written
+    if args.devices_json:
+        devices = _read_json_file(args.devices_json, "device list")
+    elif args.libvirt:
+        devices = discovery.discover_libvirt(args.libvirt)
+    else:
+        devices = discovery.discover_sysfs(args.sysfs)
+    report = tracker.update_devices_from_hypervisor_resources(devices)
+    if args.device_spec:
+        fd = os.open(spec_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(spec, handle)
+    data = report.to_json()
+    out.emit(data, lambda: "\n".join(f"{k} {len(v)}: {' '.join(v) or '-'}" for k, v in data.items()))
+    return 0
+
+
+def cmd_host_devices(args: argparse.Namespace, store: Store, out: Output) -> int:
+    from .pci.device import PciStatus
+
+    if args.status is not None and args.status not in {s.value for s in PciStatus}:
+        raise UsageError(f"--status must be one of {', '.join(s.value for s in PciStatus)}, got {args.status!r}")
+    rows = [
+        {"address": d.address, "vendor_id": d.vendor_id, "product_id": d.product_id, "dev_type": d.dev_type,
+         "parent_addr": d.parent_addr, "numa_node": d.numa_node, "status": d.status.value, "instance": d.instance_uuid}
+        for d in _tracker(store).all_devs
+        if args.status is None or d.status.value == args.status
+    ]
+
+    def text() -> str:
+        lines = [f"{'ADDRESS':<13} {'VENDOR':<6} {'PRODUCT':<7} {'TYPE':<8} {'PARENT':<13} {'NUMA':>4}  {'STATUS':<11} INSTANCE"]
+        for r in rows:
+            numa = "-" if r["numa_node"] is None else str(r["numa_node"])
+            lines.append(f"{r['address']:<13} {r['vendor_id']:<6} {r['product_id']:<7} {r['dev_type']:<8} "
+                         f"{r['parent_addr'] or '-':<13} {numa:>4}  {r['status']:<11} {r['instance'] or '-'}")
+        return "\n".join(lines)
+
+    out.emit(rows, text)
+    return 0
+
+
+def cmd_host_pools(args: argparse.Namespace, store: Store, out: Output) -> int:
+    rows = [
+        {"vendor_id": p.vendor_id, "product_id": p.product_id, "numa_node": p.numa_node, "dev_type": p.dev_type,
+         "tags": dict(p.tags), "count": p.count}
+        for p in _tracker(store).pci_stats.pools
+    ]
+
+    def text() -> str:
+        lines = [f"{'VENDOR':<6} {'PRODUCT':<7} {'NUMA':>4}  {'TYPE':<8} {'COUNT':>5}  TAGS"]
+        for r in rows:
+            numa = "-" if r["numa_node"] is None else str(r["numa_node"])
+            tags = ",".join(f"{k}={v}" for k, v in sorted(r["tags"].items())) or "-"
+            lines.append(f"{r['vendor_id']:<6} {r['product_id']:<7} {numa:>4}  {r['dev_type']:<8} {r['count']:>5}  {tags}")
+        return "\n".join(lines)
+
+    out.emit(rows, text)
+    return 0
+
+
+def cmd_host_claim(args: argparse.Namespace, store: Store, out: Output) -> int:
+    from .pci.request import get_pci_requests_from_flavor, parse_aliases
+
+    aliases = parse_aliases(_read_json_file(args.aliases, "aliases file"))
+    requests = get_pci_requests_from_flavor({"extra_specs": {"pci_passthrough:alias": args.request}}, aliases)
+    claimed = _tracker(store).claim_instance(args.vm, requests)
+    addresses = [d.address for d in claimed]
+    out.emit(addresses, f"claimed for {args.vm}: {' '.join(addresses)}")
+    return 0
+
+
+def cmd_host_free(args: argparse.Namespace, store: Store, out: Output) -> int:
+    tracker = _tracker(store)
+    addresses = [d.address for d in tracker.get_instance_pci_devs(args.vm, "all")]
+    tracker.free_instance(args.vm)
+    out.emit(addresses, f"freed for {args.vm}: {' '.join(addresses) or 'nothing'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, store: Store | None, out: Output) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.state_given, as_json=out.as_json)
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="kvmslots", description="Stable PCI slots, device ids and safe hotplug for QEMU/KVM VMs.")
+    parser.add_argument("--state", metavar="DIR", help="state directory (default $KVMSLOTS_STATE_DIR or "
+                        f"{DEFAULT_STATE_DIR}; created 0700)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("plan", help="plan a VM's boot devices and print the -device arguments")
+    p.add_argument("vm")
+    p.add_argument("--device", action="append", default=[], metavar="TYPE:UUID:DRIVER[:key=value,...]")
+    p.add_argument("--mask", help="32-character reservation mask of pci.0 (default 1111 then zeros)")
+    p.add_argument("--machine", help="QEMU machine type (default pc)")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("attach", help="hot add a device to a running VM")
+    p.add_argument("vm")
+    p.add_argument("--qmp", required=True, metavar="SOCKET")
+    p.add_argument("--type", required=True)
+    p.add_argument("--uuid", required=True)
+    p.add_argument("--driver", required=True)
+    p.add_argument("--prop", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--bus", default=ROOT_BUS)
+    p.add_argument("--slot", type=int)
+    p.set_defaults(func=cmd_attach)
+
+    p = sub.add_parser("detach", help="hot remove a device; confirmed by DEVICE_DELETED")
+    p.add_argument("vm")
+    p.add_argument("--qmp", required=True, metavar="SOCKET")
+    p.add_argument("--uuid", required=True)
+    p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS")
+    p.set_defaults(func=cmd_detach)
+
+    p = sub.add_parser("show", help="draw the slot map and list the devices of a VM")
+    p.add_argument("vm")
+    p.add_argument("--qmp", metavar="SOCKET", help="also read QEMU's live view (foreign devices)")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("reconcile", help="repair records against QEMU's live view")
+    p.add_argument("vm")
+    p.add_argument("--qmp", required=True, metavar="SOCKET")
+    p.set_defaults(func=cmd_reconcile)
+
+    p = sub.add_parser("export", help="print a VM's state as a versioned JSON document")
+    p.add_argument("vm")
+    p.add_argument("-o", "--output", metavar="FILE", help="write it to FILE (0600) instead")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="load a VM's state exported elsewhere ('-' reads stdin)")
+    p.add_argument("file")
+    p.add_argument("--replace", action="store_true", help="replace the VM if it exists")
+    p.set_defaults(func=cmd_import)
+
+    host = sub.add_parser("host", help="the host PCI tracker (passthrough devices)")
+    hsub = host.add_subparsers(dest="host_command", required=True, metavar="HOST_COMMAND", parser_class=_Parser)
+    p = hsub.add_parser("sync", help="sync the tracker with the host's devices")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--libvirt", metavar="URI")
+    src.add_argument("--sysfs", metavar="ROOT")
+    src.add_argument("--devices-json", metavar="FILE")
+    p.add_argument("--device-spec", metavar="FILE", help="JSON list of Nova device_spec entries (kept for later syncs)")
+    p.set_defaults(func=cmd_host_sync)
+    p = hsub.add_parser("devices", help="list tracked host devices")
+    p.add_argument("--status")
+    p.set_defaults(func=cmd_host_devices)
+    p = hsub.add_parser("pools", help="list pools of free devices")
+    p.set_defaults(func=cmd_host_pools)
+    p = hsub.add_parser("claim", help="claim host devices for a VM from a flavor-style request")
+    p.add_argument("vm")
+    p.add_argument("--request", required=True, metavar='"alias:count[, alias:count]"')
+    p.add_argument("--aliases", required=True, metavar="FILE", help="JSON list of Nova alias entries")
+    p.set_defaults(func=cmd_host_claim)
+    p = hsub.add_parser("free", help="free every host device of a VM")
+    p.add_argument("vm")
+    p.set_defaults(func=cmd_host_free)
+
+    p = sub.add_parser("demo", help="walk a disposable VM through the whole life cycle")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    out = Output(args.json)
+    args.state_given = args.state or os.environ.get("KVMSLOTS_STATE_DIR")
+    command: Callable[[argparse.Namespace, Store, Output], int] = args.func
+    try:
+        _validate_early(args)
+        if command is cmd_demo:
+            return cmd_demo(args, None, out)
+        with Store(args.state_given or DEFAULT_STATE_DIR) as store:
+            return command(args, store, out)
+    except (UsageError, ValidationError) as exc:
+        print(f"kvmslots: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except KvmSlotsError as exc:
+        print(f"kvmslots: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("kvmslots: interrupted", file=sys.stderr)
+        return 1
+
+
+def _validate_early(args: argparse.Namespace) -> None:
+    """Malformed values are bad usage, found before any state is opened or QEMU is contacted."""
+    if getattr(args, "vm", None) is not None:
+        validate_vm_name(args.vm)
+    if getattr(args, "uuid", None) is not None:
+        validate_uuid(args.uuid)
+    if getattr(args, "timeout", None) is not None and not args.timeout >= 0:
+        raise UsageError(f"--timeout must be a number of seconds >= 0, got {args.timeout}")
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
