@@ -124,7 +124,7 @@ def cmd_plan(args: argparse.Namespace, store: Store, out: Output) -> int:
         old = store.get_vm(args.vm) if store.has_vm(args.vm) else None
         vm = VMSpec(args.vm, args.machine or (old.machine if old else "pc"),
                     args.mask or (old.mask if old else DEFAULT_PCI_RESERVATIONS))
-    plan = asyncio.run(hotplug.plan_boot(store, vm, devices))
+    plan = asyncio.run(hotplug.plan_boot(store, vm, devices, host=_host_devices(store)))
     rows = [{**_device_json(d), "arg": d.device_option()} for d in plan.devices]
     out.emit(rows, lambda: "\n".join(f"-device {row['arg']}" for row in rows))
     return 0
@@ -138,7 +138,10 @@ def cmd_attach(args: argparse.Namespace, store: Store, out: Output) -> int:
 
 
 def cmd_detach(args: argparse.Namespace, store: Store, out: Output) -> int:
-    result = _with_monitor(args.qmp, lambda mon: hotplug.hot_del(store, mon, args.vm, args.uuid, timeout=args.timeout))
+    host = _host_devices(store)
+    result = _with_monitor(
+        args.qmp, lambda mon: hotplug.hot_del(store, mon, args.vm, args.uuid, timeout=args.timeout, host=host)
+    )
     device = result.device
     text = (
         f"removed {device.qemu_id} (DEVICE_DELETED); slot {device.slot} is free"
@@ -151,7 +154,8 @@ def cmd_detach(args: argparse.Namespace, store: Store, out: Output) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace, store: Store, out: Output) -> int:
-    report = _with_monitor(args.qmp, lambda mon: hotplug.reconcile(store, mon, args.vm))
+    host = _host_devices(store)
+    report = _with_monitor(args.qmp, lambda mon: hotplug.reconcile(store, mon, args.vm, host=host))
     data = report.to_json()
 
     def text() -> str:
@@ -248,6 +252,14 @@ def _tracker(store: Store, device_spec: Any | None = None) -> Any:
     from .pci.tracker import PciDevTracker
 
     return PciDevTracker(store, Whitelist.from_config(device_spec) if device_spec is not None else None)
+
+
+def _host_devices(store: Store) -> Any:
+    """The host side of passthrough devices, so that removing one frees its host device.
+    (The CLI binds nothing to vfio-pci; a manager that wants that passes a binder to the library.)"""
+    from .passthrough import HostDevices
+
+    return HostDevices(_tracker(store))
 
 
 def cmd_host_sync(args: argparse.Namespace, store: Store, out: Output) -> int:

@@ -20,7 +20,7 @@ import asyncio
 import enum
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from .devid import PASSTHROUGH_DRIVERS, validate_uuid
 from .errors import (
@@ -39,7 +39,7 @@ from .errors import (
 )
 from .model import Device, DeviceSpec, DeviceState, VMSpec
 from .monitor import Monitor, MonitorLike
-from .passthrough import HostDevices, PassthroughSpec, is_passthrough
+from .passthrough import HostDevices, PassthroughSpec, holds_host_device, is_passthrough
 from .pciview import PciFunction, PciOccupancy
 from .slots import SlotMap
 from .store import Store, Transaction
@@ -107,6 +107,7 @@ async def plan_boot(
     name = vm if isinstance(vm, str) else vm.name
     async with store.vm_lock(name):
         stored = {d.uuid: d for d in store.devices(name)} if store.has_vm(name) else {}
+        _require_host(name, stored.values(), host, "plan_boot")
         specs: list[DeviceSpec] = []
         new_claims: list[str] = []
         try:
@@ -127,6 +128,12 @@ async def plan_boot(
             for device in plan.dropped:
                 host.release_guest_device(name, device)
         return plan
+
+
+def _require_host(vm: str, devices: Iterable[Device], host: HostDevices | None, what: str) -> None:
+    """Passthrough records must not be dropped without freeing their host devices."""
+    if host is None and any(is_passthrough(d) for d in devices):
+        raise InvalidPciRequest(f"VM {vm!r} has passthrough devices: {what} needs host=HostDevices(tracker)")
 
 
 def _refuse_raw_passthrough(spec: DeviceSpec | PassthroughSpec) -> None:
@@ -246,11 +253,15 @@ async def hot_add(
             return await _hot_add(store, monitor, vm, spec, undo_timeout)
         assert host is not None
         store.get_vm(vm)
+        existing = _find(store, vm, spec.uuid)
+        if existing is not None:
+            raise DeviceExists(f"VM {vm!r} already has device {spec.uuid} as {existing.qemu_id} ({existing.state})")
         hostdev = host.claim(vm, spec)
         try:
             device = await _hot_add(store, monitor, vm, spec.guest_spec(hostdev.address), undo_timeout)
         except BaseException:
-            if _find(store, vm, spec.uuid) is None:
+            left = _find(store, vm, spec.uuid)
+            if left is None or not holds_host_device(left, hostdev.address):
                 host.release(vm, hostdev.address)  # QEMU does not hold it: back to the host
             # else the guest device is left attaching/detaching: QEMU may hold the host
             # device, so it stays claimed until hot_del or reconcile settles it
@@ -476,6 +487,9 @@ async def hot_del(
     """
     uuid = validate_uuid(device_uuid)
     async with store.vm_lock(vm):
+        found = _find(store, vm, uuid) if host is None else None
+        if found is not None and is_passthrough(found):
+            raise InvalidPciRequest(f"Device {uuid} passes a host device through: hot_del needs host=HostDevices(tracker)")
         result = await _hot_del(store, monitor, vm, uuid, timeout)
         if result.removed and host is not None:
             host.release_guest_device(vm, result.device)
@@ -520,6 +534,7 @@ async def watch_unplugs(
     Returns the ids released, when nothing is detaching any more or after
     *timeout* seconds.
     """
+    _require_host(vm, store.devices(vm), host, "watch_unplugs")
     loop = asyncio.get_running_loop()
     deadline = None if timeout is None else loop.time() + timeout
     released: list[str] = []
@@ -598,14 +613,18 @@ async def reconcile(
     device, newly attached ones turn their host claim into an allocation.
     """
     async with store.vm_lock(vm):
-        view = await monitor.pci()
         before = {d.qemu_id: d for d in store.devices(vm)}
+        _require_host(vm, before.values(), host, "reconcile")
+        view = await monitor.pci()
         report = _reconcile_view(store, vm, view)
         if host is not None:
             for qid in report.released + report.lost:
                 host.release_guest_device(vm, before[qid])
-            for qid in report.attached:
-                host.allocate_guest_device(vm, before[qid])
+            # every passthrough device QEMU has must hold an allocation, including one whose
+            # process died between committing 'attached' and allocating
+            for device in store.devices(vm):
+                if device.state is DeviceState.ATTACHED:
+                    host.allocate_guest_device(vm, device)
         return report
 
 

@@ -80,7 +80,7 @@ class HostDevices:
         if self.binder is not None:
             try:
                 self.binder.detach(device.address)
-            except KvmSlotsError:
+            except BaseException:
                 self.tracker.free_device(device.address, vm)
                 raise
         return device
@@ -89,13 +89,17 @@ class HostDevices:
         self.tracker.allocate_device(host_address, vm)
 
     def release(self, vm: str, host_address: str) -> None:
-        """Free the host device and give it back to the host (QEMU must have let go of it)."""
-        self.tracker.free_device(host_address, vm)
+        """Give the host device back to its driver, then free it (QEMU must have let go of it).
+
+        In this order, because once it is free another VM may claim it and bind it to vfio-pci:
+        a late reattach would then pull it from under that VM.
+        """
         if self.binder is not None:
             try:
                 self.binder.reattach(host_address)
-            except HostBindError as exc:  # the device is free in the tracker; the operator must rebind it
-                log.error("Host device %s freed but not given back to its driver: %s", host_address, exc)
+            except HostBindError as exc:  # still on vfio-pci; a later claim's detach finds it there
+                log.error("Host device %s could not be given back to its driver: %s", host_address, exc)
+        self.tracker.free_device(host_address, vm)
 
     def release_guest_device(self, vm: str, device: Device) -> None:
         """After QEMU confirmed *device* gone: free its host device, if it is a passthrough one.
@@ -116,11 +120,17 @@ class HostDevices:
             return
         host = str(device.props["host"])
         try:
-            if self.tracker.get_device(host).status is PciStatus.CLAIMED:
+            held = self.tracker.get_device(host)
+            if held.status is PciStatus.CLAIMED and held.instance_uuid == vm:
                 self.allocate(vm, host)
         except PciError as exc:
             log.error("Guest device %s is present but its host device %s is not claimed for %s: %s",
                       device.qemu_id, host, vm, exc)
+
+
+def holds_host_device(device: Device, host_address: str) -> bool:
+    """Is *device* the passthrough guest device of that host device?"""
+    return is_passthrough(device) and device.props.get("host") == host_address
 
 
 def is_passthrough(device: Device) -> bool:

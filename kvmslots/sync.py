@@ -12,10 +12,17 @@ import asyncio
 import os
 from typing import Awaitable, Callable, Sequence, TypeVar
 
+from typing import TYPE_CHECKING, Any
+
 from . import hotplug
 from .model import Device, DeviceSpec, VMSpec
 from .monitor import Monitor
 from .store import Store
+
+if TYPE_CHECKING:
+    from .passthrough import HostDevices, PassthroughSpec
+    from .pci.binding import HostBinder
+    from .pci.tracker import PciDevTracker
 
 __all__ = ["SlotManager"]
 
@@ -28,6 +35,22 @@ class SlotManager:
     def __init__(self, state_dir: str | os.PathLike[str], *, connect_timeout: float = 30.0) -> None:
         self.store = Store(state_dir)
         self.connect_timeout = connect_timeout
+        self.host: HostDevices | None = None
+
+    def use_host_devices(
+        self, device_spec: Any = None, *, binder: HostBinder | None = None, **tracker_options: Any
+    ) -> PciDevTracker:
+        """Enable passthrough: a host PCI tracker on this manager's store (Nova ``device_spec``
+        entries), and optionally a binder to vfio-pci.  Every later call then frees and allocates
+        host devices together with guest slots."""
+        from .passthrough import HostDevices
+        from .pci.devspec import Whitelist
+        from .pci.tracker import PciDevTracker
+
+        whitelist = Whitelist.from_config(device_spec) if device_spec is not None else None
+        tracker = PciDevTracker(self.store, whitelist, **tracker_options)
+        self.host = HostDevices(tracker, binder)
+        return tracker
 
     def close(self) -> None:
         self.store.close()
@@ -41,19 +64,25 @@ class SlotManager:
     def define_vm(self, vm: VMSpec) -> VMSpec:
         return self.store.define_vm(vm)
 
-    def plan_boot(self, vm: VMSpec | str, devices: Sequence[DeviceSpec]) -> hotplug.BootPlan:
-        return asyncio.run(hotplug.plan_boot(self.store, vm, devices))
+    def plan_boot(self, vm: VMSpec | str, devices: Sequence[DeviceSpec | PassthroughSpec]) -> hotplug.BootPlan:
+        return asyncio.run(hotplug.plan_boot(self.store, vm, devices, host=self.host))
 
-    def hot_add(self, vm: str, device: DeviceSpec, *, qmp: str | os.PathLike[str], undo_timeout: float = 5.0) -> Device:
-        return self._with_monitor(qmp, lambda mon: hotplug.hot_add(self.store, mon, vm, device, undo_timeout=undo_timeout))
+    def hot_add(
+        self, vm: str, device: DeviceSpec | PassthroughSpec, *, qmp: str | os.PathLike[str], undo_timeout: float = 5.0
+    ) -> Device:
+        return self._with_monitor(
+            qmp, lambda mon: hotplug.hot_add(self.store, mon, vm, device, host=self.host, undo_timeout=undo_timeout)
+        )
 
     def hot_del(
         self, vm: str, device_uuid: str, *, qmp: str | os.PathLike[str], timeout: float = 5.0
     ) -> hotplug.HotDelResult:
-        return self._with_monitor(qmp, lambda mon: hotplug.hot_del(self.store, mon, vm, device_uuid, timeout=timeout))
+        return self._with_monitor(
+            qmp, lambda mon: hotplug.hot_del(self.store, mon, vm, device_uuid, timeout=timeout, host=self.host)
+        )
 
     def reconcile(self, vm: str, *, qmp: str | os.PathLike[str]) -> hotplug.ReconcileReport:
-        return self._with_monitor(qmp, lambda mon: hotplug.reconcile(self.store, mon, vm))
+        return self._with_monitor(qmp, lambda mon: hotplug.reconcile(self.store, mon, vm, host=self.host))
 
     def _with_monitor(self, qmp: str | os.PathLike[str], work: Callable[[Monitor], Awaitable[T]]) -> T:
         async def run() -> T:

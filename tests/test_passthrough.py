@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from kvmslots import DeviceAddFailed, DeviceSpec, Store, VMSpec, hot_add, hot_del, plan_boot, reconcile
-from kvmslots.errors import HostBindError, InvalidPciRequest, PciDeviceRequestFailed, SlotOccupied
+from kvmslots.errors import DeviceExists, HostBindError, InvalidPciRequest, PciDeviceRequestFailed, SlotOccupied
 from kvmslots.passthrough import HostDevices, PassthroughSpec
 from kvmslots.pci.device import PciStatus
 from kvmslots.pci.devspec import Whitelist
@@ -175,3 +175,91 @@ def test_passthrough_specs_are_validated():
         PassthroughSpec(dev_uuid(1), request("type-PCI"), props={"host": "0000:00:01.0"})
     with pytest.raises(InvalidPciRequest, match="HostDevices"):
         run(hot_add(None, FakeQemu(), "vm1", gpu()))  # type: ignore[arg-type]
+
+
+class OrderCheckingBinder(RecordingBinder):
+    """Asserts that a device is given back to the host while the tracker still holds it."""
+
+    def __init__(self, tracker):
+        super().__init__()
+        self.tracker = tracker
+
+    def reattach(self, address: str) -> None:
+        assert self.tracker.get_device(address).status is not PciStatus.AVAILABLE, "freed before given back"
+        super().reattach(address)
+
+
+def test_the_host_device_is_given_back_before_it_is_free_for_others(env):
+    store, tracker, _, _ = env
+    hostdevs = HostDevices(tracker, OrderCheckingBinder(tracker))
+    qemu = FakeQemu()
+    device = run(hot_add(store, qemu, "vm1", gpu(), host=hostdevs))
+    assert run(hot_del(store, qemu, "vm1", device.uuid, host=hostdevs)).removed
+    assert tracker.get_device(plain_addr(0)).status is PciStatus.AVAILABLE
+
+
+def test_reconcile_allocates_a_claim_a_crash_left_behind(env):
+    store, tracker, hostdevs, _ = env
+    qemu = FakeQemu()
+    device = run(hot_add(store, qemu, "vm1", gpu(), host=hostdevs))
+    # as if the process died after committing 'attached' but before allocating
+    tracker.free_device(plain_addr(0), "vm1")
+    tracker.claim_instance("vm1", [gpu().request])
+    assert tracker.get_device(plain_addr(0)).status is PciStatus.CLAIMED
+    run(reconcile(store, qemu, "vm1", host=hostdevs))
+    assert tracker.get_device(plain_addr(0)).status is PciStatus.ALLOCATED
+    assert device.props["host"] == plain_addr(0)
+
+
+def test_a_uuid_already_in_use_claims_nothing(env):
+    store, tracker, hostdevs, binder = env
+    run(hot_add(store, FakeQemu(), "vm1", DeviceSpec(dev_uuid(1), "nic", "e1000")))
+    with pytest.raises(DeviceExists):
+        run(hot_add(store, FakeQemu(), "vm1", gpu(1), host=hostdevs))
+    assert tracker.pci_stats.free_count() == 5 and binder.calls == []
+
+
+def test_a_removed_passthrough_device_can_come_back_while_another_stays(env):
+    store, tracker, hostdevs, _ = env
+    qemu = FakeQemu()
+    a = run(hot_add(store, qemu, "vm1", gpu(1), host=hostdevs))
+    run(hot_add(store, qemu, "vm1", gpu(2), host=hostdevs))
+    assert run(hot_del(store, qemu, "vm1", a.uuid, host=hostdevs)).removed
+    assert run(hot_add(store, qemu, "vm1", gpu(1), host=hostdevs)).uuid == a.uuid
+
+
+def test_passthrough_records_are_never_dropped_without_the_tracker(env):
+    store, tracker, hostdevs, _ = env
+    qemu = FakeQemu()
+    device = run(hot_add(store, qemu, "vm1", gpu(), host=hostdevs))
+    with pytest.raises(InvalidPciRequest, match="host="):
+        run(hot_del(store, qemu, "vm1", device.uuid))
+    with pytest.raises(InvalidPciRequest, match="host="):
+        run(reconcile(store, qemu, "vm1"))
+    with pytest.raises(InvalidPciRequest, match="host="):
+        run(plan_boot(store, "vm1", []))
+    assert [d.qemu_id for d in store.devices("vm1")] == [device.qemu_id]
+
+
+def test_any_binder_failure_frees_the_claim(env):
+    store, tracker, _, _ = env
+
+    class Exploding(RecordingBinder):
+        def detach(self, address):
+            raise KeyboardInterrupt  # not even an Exception
+
+    with pytest.raises(KeyboardInterrupt):
+        run(hot_add(store, FakeQemu(), "vm1", gpu(), host=HostDevices(tracker, Exploding())))
+    assert tracker.get_device(plain_addr(0)).status is PciStatus.AVAILABLE
+
+
+def test_slot_manager_passthrough(tmp_path):
+    from kvmslots import SlotManager
+
+    with SlotManager(tmp_path / "s") as manager:
+        tracker = manager.use_host_devices([{"vendor_id": "8086"}])
+        tracker.update_devices_from_hypervisor_resources(host(pfs=0, vfs=0, plain=1))
+        plan = manager.plan_boot(VMSpec("vm1"), [gpu()])
+        assert plan.qemu_args[1].endswith(f"host={plain_addr(0)}")
+        manager.plan_boot("vm1", [])
+        assert tracker.get_device(plain_addr(0)).status is PciStatus.AVAILABLE

@@ -89,10 +89,21 @@ def test_extra_keys_become_tag_requirements():
 
 def test_nova_optional_keys():
     (spec,) = parse_aliases([{"name": "a", "vendor_id": "8086", "product_id": "0443", "capability_type": "pci",
-                              "resource_class": "CUSTOM_QAT", "traits": "A,B", "live_migratable": "Yes",
-                              "trusted": True}])["a"]
-    assert dict(spec.extra) == {"resource_class": "CUSTOM_QAT", "traits": "A,B", "live_migratable": "true",
-                                "trusted": "true"}
+                              "live_migratable": "Yes", "trusted": True}])["a"]
+    assert dict(spec.extra) == {"live_migratable": "true", "trusted": "true"}
+
+
+@pytest.mark.parametrize("key", ["resource_class", "traits"])
+def test_placement_keys_are_refused_not_silently_unmatchable(key):
+    with pytest.raises(InvalidAlias, match="placement"):
+        parse_aliases([{"name": "a", "vendor_id": "8086", "product_id": "0443", key: "CUSTOM_QAT"}])
+
+
+def test_only_the_name_is_required_as_in_nova():
+    (spec,) = parse_aliases([{"name": "anyvf", "device_type": "type-VF"}])["anyvf"]
+    assert spec.to_spec() == {"dev_type": "type-VF"}
+    (vendor_only,) = parse_aliases([{"name": "intel", "vendor_id": "8086"}])["intel"]
+    assert vendor_only.to_spec() == {"vendor_id": "8086"}
 
 
 def test_uppercase_ids_and_padded_name():
@@ -132,8 +143,6 @@ BAD_ALIASES = [
     ({"name": "a:b", "vendor_id": "8086", "product_id": "0443"}, "must not contain ':' or ','"),
     ({"name": "a,b", "vendor_id": "8086", "product_id": "0443"}, "must not contain ':' or ','"),
     ({"name": "x" * 257, "vendor_id": "8086", "product_id": "0443"}, "longer than 256"),
-    ({"name": "a", "product_id": "0443"}, "'vendor_id' is required"),
-    ({"name": "a", "vendor_id": "8086"}, "'product_id' is required"),
     ({"name": "a", "vendor_id": "808", "product_id": "0443"}, "'vendor_id' must be 4 hex digits, got '808'"),
     ({"name": "a", "vendor_id": "80866", "product_id": "0443"}, "'vendor_id' must be 4 hex digits"),
     ({"name": "a", "vendor_id": "*", "product_id": "0443"}, "'vendor_id' must be 4 hex digits, got '*'"),

@@ -278,3 +278,72 @@ def test_sync_reports_what_it_did(tracker):
     report = tracker.update_devices_from_hypervisor_resources(devices)
     assert report.to_json() == {"added": ["0000:1c:00.0"], "updated": [pf_addr(0)], "removed": [vf_addr(1, 3)],
                                 "kept": [dev.address]}
+
+
+def test_a_vf_whose_parent_changed_while_assigned_is_relinked_when_freed(state):
+    pf1, pf2, vf = "0000:81:00.0", "0000:82:00.0", "0000:81:02.0"
+
+    def devices(parent):
+        return [{"address": pf1, "vendor_id": "8086", "product_id": "1572", "dev_type": "type-PF"},
+                {"address": pf2, "vendor_id": "8086", "product_id": "1572", "dev_type": "type-PF"},
+                {"address": vf, "vendor_id": "8086", "product_id": "154c", "dev_type": "type-VF", "parent_addr": parent}]
+
+    t = open_tracker(state)
+    t.update_devices_from_hypervisor_resources(devices(pf1))
+    t.claim_instance("vm-a", [request("type-VF")])
+    t.update_devices_from_hypervisor_resources(devices(pf2))  # parked: the VF is assigned
+    [pf] = t.claim_instance("vm-b", [request("type-PF")])
+    assert pf.address == pf2
+    t.free_instance("vm-a")
+    assert t.get_device(vf).parent.address == pf2 and t.get_device(vf).status is PciStatus.UNCLAIMABLE
+    assert t.get_device(pf1).status is PciStatus.AVAILABLE and t.get_device(pf1).children == []
+    with pytest.raises(PciDeviceRequestFailed):
+        t.claim_instance("vm-c", [request("type-VF")])  # never a PF and its VF both in use
+    assert snapshot(open_tracker(state)) == snapshot(t)
+
+
+def test_migration_claims_the_new_flavor_and_a_same_host_resize_is_claimed(tracker):
+    old, new = request("type-PCI"), request("type-VF", count=2)
+    instance = {"uuid": "vm-r", "system_metadata": {
+        "pci_requests": json.dumps([old.to_dict()]), "new_pci_requests": json.dumps([new.to_dict()])}}
+    tracker.claim_instance(instance)
+    tracker.allocate_instance(instance)
+    claimed = tracker.update_pci_for_migration(instance, 1)
+    assert [d.dev_type for d in claimed] == ["type-VF", "type-VF"]
+    assert tracker.update_pci_for_migration(instance, 1) == []  # already claimed here
+    tracker.update_pci_for_migration(instance, -1)
+    assert [d.status for d in tracker.get_instance_pci_devs("vm-r", "all")] == [PciStatus.ALLOCATED]
+
+
+def test_two_trackers_on_one_database_see_each_others_claims(state, tracker):
+    other = open_tracker(state)
+    tracker.claim_instance("vm-a", [request("type-PCI", count=2)])
+    assert other.pci_stats.free_count() == tracker.pci_stats.free_count() == 10
+    assert not other.pci_stats.support_requests([request("type-PCI")])
+    with pytest.raises(PciDeviceRequestFailed):
+        other.claim_instance("vm-b", [request("type-PCI")])
+
+
+def test_a_pf_devname_spec_covers_its_vfs_and_remote_managed_needs_vpd(state):
+    from kvmslots.pci.fakehost import sriov_topology
+
+    topo = sriov_topology(pfs=1, vfs_per_pf=2, plain=0)
+    pf_name = next(d["devname"] for d in topo if d["dev_type"] == "type-PF")
+    t = open_tracker(state, Whitelist.from_config([{"devname": pf_name, "physical_network": "physnet1"}]))
+    t.update_devices_from_hypervisor_resources(topo)
+    assert sorted(d.dev_type for d in t.all_devs) == ["type-PF", "type-VF", "type-VF"]
+    assert {d.tags["physical_network"] for d in t.all_devs} == {"physnet1"}
+    vf = next(d for d in topo if d["dev_type"] == "type-VF")
+    spec = Whitelist.from_config([{"vendor_id": "8086", "remote_managed": "true"}])
+    remote = open_tracker(state.parent / "remote", spec)
+    remote.update_devices_from_hypervisor_resources(
+        [dict(vf, capabilities={"vpd": {"card_serial_number": "MT2113X00000"}}), dict(topo[0])])
+    assert [d.address for d in remote.all_devs] == [vf["address"]]
+
+
+@pytest.mark.parametrize("field", ["numa_node", "iommu_group"])
+def test_huge_integers_are_typed_errors(tracker, field):
+    before = snapshot(tracker)
+    with pytest.raises(InvalidDevicesJson):
+        tracker.update_devices_from_hypervisor_resources([dict(host()[0], **{field: 2**63})])
+    assert snapshot(tracker) == before

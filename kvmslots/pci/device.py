@@ -54,6 +54,7 @@ HYPERVISOR_FIELDS = (
     "dev_id",
     "label",
     "devname",
+    "parent_devname",
 )
 
 
@@ -71,6 +72,7 @@ class PciDevice:
     dev_id: str | None = None
     label: str | None = None
     devname: str | None = None
+    parent_devname: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
     status: PciStatus = PciStatus.AVAILABLE
     instance_uuid: str | None = None
@@ -189,7 +191,7 @@ def device_from_hypervisor(raw: Mapping[str, Any], tags: Mapping[str, str] | Non
     if not isinstance(raw, Mapping):
         raise InvalidDevicesJson(f"Each device must be a JSON object, got {type(raw).__name__}")
     where = f"device {raw.get('address')!r}"
-    unknown = set(raw) - set(HYPERVISOR_FIELDS) - {"compute_node_id", "numa_node", "extra_info"}
+    unknown = set(raw) - set(HYPERVISOR_FIELDS) - {"compute_node_id", "numa_node", "extra_info", "capabilities"}
     if unknown:
         raise InvalidDevicesJson(f"{where} has unknown keys: {', '.join(sorted(map(str, unknown)))}")
     try:
@@ -216,7 +218,7 @@ def device_from_hypervisor(raw: Mapping[str, Any], tags: Mapping[str, str] | Non
     numa_node = _optional_int(raw.get("numa_node"), f"{where}: numa_node", allow_negative_one=True)
     iommu_group = _optional_int(raw.get("iommu_group"), f"{where}: iommu_group")
     strings: dict[str, str | None] = {}
-    for key in ("dev_id", "label", "devname"):
+    for key in ("dev_id", "label", "devname", "parent_devname"):
         value = raw.get(key)
         if value is not None and (not isinstance(value, str) or not value or len(value) > 64):
             raise InvalidDevicesJson(f"{where}: {key} must be a short string, got {value!r}")
@@ -232,6 +234,7 @@ def device_from_hypervisor(raw: Mapping[str, Any], tags: Mapping[str, str] | Non
         dev_id=strings["dev_id"],
         label=strings["label"],
         devname=strings["devname"],
+        parent_devname=strings["parent_devname"] if dev_type == DEV_TYPE_VF else None,
         tags=dict(tags or {}),
     )
 
@@ -243,6 +246,6 @@ def _optional_int(value: object, what: str, allow_negative_one: bool = False) ->
         raise InvalidDevicesJson(f"{what} must be an integer or null, got {value!r}")
     if allow_negative_one and value == -1:
         return None
-    if value < 0:
-        raise InvalidDevicesJson(f"{what} must not be negative, got {value}")
+    if not 0 <= value < 1 << 31:
+        raise InvalidDevicesJson(f"{what} must be 0 .. 2**31-1, got {value}")
     return value

@@ -411,8 +411,9 @@ def _device_addresses(dev: Mapping[str, Any]) -> tuple[PciAddress, str, str | No
 def _load_json(text: str, where: str) -> Any:
     try:
         return json.loads(text)
-    except ValueError as exc:
-        raise InvalidDeviceSpec(f"{where} is not valid JSON: {exc}: {text!r}") from None
+    except (ValueError, RecursionError) as exc:
+        shown = text if len(text) <= 80 else text[:77] + "..."
+        raise InvalidDeviceSpec(f"{where} is not valid JSON: {exc}: {shown!r}") from None
 
 
 def _flatten(entries: ConfigItem | None) -> Iterator[tuple[Any, str]]:

@@ -121,6 +121,20 @@ def make_record(
     return record
 
 
+def with_parent_devnames(records: list[PciRecord]) -> list[PciRecord]:
+    """Give each VF its PF's interface name as ``parent_devname``.
+
+    Nova's usual SR-IOV ``device_spec`` names the PF's netdev
+    (``{"devname": "enp4s0f0", "physical_network": ...}``) and means its VFs.
+    """
+    pf_names = {r["address"]: r["devname"] for r in records if r["dev_type"] == DEV_TYPE_PF and r.get("devname")}
+    for record in records:
+        parent_name = pf_names.get(record.get("parent_addr", ""))
+        if record["dev_type"] == DEV_TYPE_VF and parent_name:
+            record["parent_devname"] = parent_name
+    return records
+
+
 # --- sysfs -------------------------------------------------------------------
 
 def parse_sysfs_id(text: str, what: str = "id") -> str:
@@ -313,7 +327,7 @@ def discover_sysfs(root: str | Path = "/sys") -> list[PciRecord]:
         if addr in found:
             raise DiscoveryError(f"two sysfs entries for PCI address {addr} under {devices_dir}")
         found[addr] = record
-    return [found[a] for a in sorted(found)]
+    return with_parent_devnames([found[a] for a in sorted(found)])
 
 
 # --- libvirt -------------------------------------------------------------------
@@ -509,4 +523,4 @@ def discover_libvirt(conn_or_uri: Any) -> list[PciRecord]:
         if addr in found:
             raise DiscoveryError(f"libvirt reports PCI address {addr} twice")
         found[addr] = record
-    return [found[a] for a in sorted(found)]
+    return with_parent_devnames([found[a] for a in sorted(found)])

@@ -37,7 +37,7 @@ from .address import (
     PciAddress,
     parse_address,
 )
-from .discovery import PciRecord, make_record
+from .discovery import with_parent_devnames, PciRecord, make_record
 
 __all__ = ["TEST_HOST_UUID", "build_sysfs_tree", "libvirt_test_xml", "sriov_topology"]
 
@@ -93,7 +93,7 @@ def sriov_topology(pfs: int = 2, vfs_per_pf: int = 8, plain: int = 2) -> list[Pc
                 iommu_group=group, devname=f"enp{bus}s0f0v{v}",
             ))
     devices.sort(key=lambda d: parse_address(d["address"]))
-    return devices
+    return with_parent_devnames(devices)
 
 
 def _checked(devices: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], dict[str, list[str]]]:

@@ -89,6 +89,8 @@ _NOT_ALIAS_KEYS = {
     "device_id": "use 'product_id'",
     "address": "addresses belong in device_spec",
     "devname": "interface names belong in device_spec",
+    "resource_class": "placement-based PCI tracking is not supported: match by vendor_id/product_id and tags",
+    "traits": "placement-based PCI tracking is not supported: match by vendor_id/product_id and tags",
 }
 _REQUEST_KEYS = frozenset({"count", "spec", "alias_name", "numa_policy", "request_id", "source"})
 
@@ -100,15 +102,15 @@ class AliasSpec:
     """One ``[pci] alias`` entry: one alternative of the alias ``name``."""
 
     name: str
-    vendor_id: str
-    product_id: str
+    vendor_id: str | None = None  # None: any vendor (Nova's schema requires only the name)
+    product_id: str | None = None
     device_type: str | None = None  # None: any type but a PF (as in Nova)
     numa_policy: str = NUMA_POLICY_LEGACY
     extra: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False)
 
     def to_spec(self) -> dict[str, str]:
         """The request spec of this alternative: Nova's keys (``dev_type``) plus the extra tags."""
-        spec = {"vendor_id": self.vendor_id, "product_id": self.product_id}
+        spec = {key: value for key, value in (("vendor_id", self.vendor_id), ("product_id", self.product_id)) if value}
         if self.device_type is not None:
             spec["dev_type"] = self.device_type
         spec.update(self.extra)
@@ -185,9 +187,6 @@ def _alias_from_object(raw: Any, where: str) -> AliasSpec:
         raise InvalidAlias(f"{where}: 'name' is required")
     name = _alias_name(raw["name"], where)
     where = f"{where} ({name!r})"
-    for key in ("vendor_id", "product_id"):
-        if key not in raw:
-            raise InvalidAlias(f"{where}: {key!r} is required")
     if "capability_type" in raw:
         _choice(raw["capability_type"], "capability_type", ("pci",), where)
     device_type = raw.get("device_type")
@@ -196,8 +195,8 @@ def _alias_from_object(raw: Any, where: str) -> AliasSpec:
     extra = {key: _alias_extra(key, value, where) for key, value in raw.items() if key not in _ALIAS_KEYS}
     return AliasSpec(
         name=name,
-        vendor_id=_alias_id(raw["vendor_id"], "vendor_id", where),
-        product_id=_alias_id(raw["product_id"], "product_id", where),
+        vendor_id=_alias_id(raw["vendor_id"], "vendor_id", where) if "vendor_id" in raw else None,
+        product_id=_alias_id(raw["product_id"], "product_id", where) if "product_id" in raw else None,
         device_type=device_type,
         numa_policy=_choice(raw.get("numa_policy", NUMA_POLICY_LEGACY), "numa_policy", NUMA_POLICIES, where),
         extra=MappingProxyType(extra),
@@ -468,7 +467,7 @@ def _system_metadata(instance: Mapping[str, Any]) -> Mapping[str, Any]:
     meta = instance["system_metadata"]
     if isinstance(meta, Mapping):
         return meta
-    if isinstance(meta, list) and all(isinstance(row, Mapping) and "key" in row for row in meta):
+    if isinstance(meta, list) and all(isinstance(row, Mapping) and isinstance(row.get("key"), str) for row in meta):
         return {row["key"]: row.get("value") for row in meta}
     raise InvalidPciRequest(f"instance 'system_metadata' must be a mapping, got {type(meta).__name__}")
 
@@ -531,5 +530,5 @@ def request_matches(spec_alternatives: Iterable[Mapping[str, str]], device: Any)
 def _load_json(text: str | bytes, where: str, error: type[Exception]) -> Any:
     try:
         return json.loads(text)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, RecursionError) as exc:
         raise error(f"{where} is not valid JSON: {exc}") from None

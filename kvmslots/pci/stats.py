@@ -144,7 +144,8 @@ class PciDeviceStats:
         for request in requests:
             picked: list[PciDevice] = []
             for pool, alternatives in self._candidates(request, numa_cells):
-                for device in pool.devices.values():
+                for address in sorted(pool.devices):  # address order: a reopened tracker picks the same
+                    device = pool.devices[address]
                     if len(picked) == request.count:
                         break
                     if device.address in excluded or not _tags_match(alternatives, device):

@@ -41,7 +41,7 @@ _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS pci_devices (
         node TEXT NOT NULL, address TEXT NOT NULL, vendor_id TEXT NOT NULL, product_id TEXT NOT NULL,
         dev_type TEXT NOT NULL, parent_addr TEXT, numa_node INTEGER, iommu_group INTEGER,
-        dev_id TEXT, label TEXT, devname TEXT, tags TEXT NOT NULL, status TEXT NOT NULL,
+        dev_id TEXT, label TEXT, devname TEXT, parent_devname TEXT, tags TEXT NOT NULL, status TEXT NOT NULL,
         instance_uuid TEXT, request_id TEXT, stale TEXT, vanished INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (node, address))""",
     """CREATE TABLE IF NOT EXISTS pci_requests (
@@ -121,14 +121,21 @@ class PciDevTracker:
     # -- views ----------------------------------------------------------------
     @property
     def pci_stats(self) -> PciDeviceStats:
+        """The pools, as the database has them now (another process may have claimed since)."""
+        self.refresh()
         return self.stats
 
     @property
     def all_devs(self) -> list[PciDevice]:
         """Tracked devices, by address."""
+        self.refresh()
         return [self._devs[a] for a in sorted(self._devs)]
 
     def get_device(self, address: str) -> PciDevice:
+        self.refresh()
+        return self._get(address)
+
+    def _get(self, address: str) -> PciDevice:
         device = self._devs.get(canonical_address(address))
         if device is None:
             raise UnknownPciDevice(f"No tracked host PCI device at {address}")
@@ -180,7 +187,7 @@ class PciDevTracker:
         if isinstance(devices_json, (str, bytes)):
             try:
                 devices_json = json.loads(devices_json)
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
                 raise InvalidDevicesJson(f"Device list is not valid JSON: {exc}") from None
         if not isinstance(devices_json, list):
             raise InvalidDevicesJson("Device list must be a JSON list of device objects")
@@ -189,7 +196,8 @@ class PciDevTracker:
             device = device_from_hypervisor(raw)
             if device.address in reported:
                 raise InvalidDevicesJson(f"Device {device.address} is listed twice")
-            tags = self.dev_filter.match(device.hypervisor_values())
+            # capabilities (VPD) only inform the match (remote_managed); they are not kept
+            tags = self.dev_filter.match({**device.hypervisor_values(), "capabilities": raw.get("capabilities")})
             if tags is None:
                 continue  # not in the device_spec: not ours to track
             device.tags = dict(tags)
@@ -245,14 +253,18 @@ class PciDevTracker:
     def _drop(self, device: PciDevice, change: _Change) -> None:
         """Remove a free device the host no longer reports (removed -> deleted: its row goes)."""
         device.remove()
+        self._unlink(device)
         del self._devs[device.address]
         change.touched.pop(device.address, None)
         change.deleted.add(device.address)
         self.stats.forget([device.address])
 
     def _fit_new_relatives(self, change: _Change) -> None:
+        self._fit_new_relatives_of(list(change.touched.values()))
+
+    def _fit_new_relatives_of(self, devices: list[PciDevice]) -> None:
         """A device that (re)appears next to an assigned relative must not look free."""
-        for device in list(change.touched.values()):
+        for device in devices:
             if device.status is not PciStatus.AVAILABLE:
                 continue
             if device.dev_type == DEV_TYPE_VF and device.parent is not None and device.parent.status in ASSIGNED:
@@ -285,6 +297,8 @@ class PciDevTracker:
         instance: str | Mapping[str, Any],
         pci_requests: Sequence[InstancePciRequest] | None = None,
         numa_cells: Sequence[int] | None = None,
+        *,
+        _skip_if_claimed: bool = False,
     ) -> list[PciDevice]:
         """Claim devices for all of *instance*'s requests at once, or none of them.
 
@@ -295,7 +309,11 @@ class PciDevTracker:
         uuid = instance_uuid_of(instance)
         if pci_requests is None:
             pci_requests = _requests_from_instance(instance)
+        if isinstance(pci_requests, (str, bytes, Mapping)) or not isinstance(pci_requests, Iterable):
+            raise InvalidPciRequest(f"pci_requests must be a list of InstancePciRequest, got {type(pci_requests).__name__}")
         requests = list(pci_requests)
+        if not all(isinstance(r, InstancePciRequest) for r in requests):
+            raise InvalidPciRequest("pci_requests must hold InstancePciRequest objects")
         if not requests:
             return []
         ids = [r.request_id for r in requests if r.request_id is not None]
@@ -303,6 +321,8 @@ class PciDevTracker:
             raise InvalidPciRequest("Two PCI requests of one claim share a request_id")
 
         def claim(change: _Change) -> list[PciDevice]:
+            if _skip_if_claimed and self._owned_by(uuid, {PciStatus.CLAIMED}):
+                return []  # already claimed on this host
             taken = {r.request_id for r in self._requests_of(uuid)}
             again = [rid for rid in ids if rid in taken]
             if again:
@@ -339,7 +359,7 @@ class PciDevTracker:
         address = dev.address if isinstance(dev, PciDevice) else canonical_address(dev)
 
         def allocate(change: _Change) -> list[PciDevice]:
-            changed = self.get_device(address).allocate(uuid)
+            changed = self._get(address).allocate(uuid)
             change.touch(changed)
             return changed
 
@@ -361,9 +381,9 @@ class PciDevTracker:
         address = dev.address if isinstance(dev, PciDevice) else canonical_address(dev)
 
         def free(change: _Change) -> list[PciDevice]:
-            device = self.get_device(address)
+            device = self._get(address)
             freed = self._free_one(device, uuid, change)
-            self._forget_requests(uuid, change)
+            self._forget_requests({uuid}, change)
             return freed
 
         return self._mutate(free)
@@ -378,11 +398,11 @@ class PciDevTracker:
 
     def update_pci_for_migration(self, instance: str | Mapping[str, Any], sign: int = 1) -> list[PciDevice]:
         """On the destination host: ``sign=1`` claims for the incoming instance, ``-1`` drops that claim."""
-        uuid = instance_uuid_of(instance)
         if sign == 1:
-            if self._owned_by(uuid, ASSIGNED):
-                return []  # already claimed here
-            return self.claim_instance(instance)
+            # Nova claims the new flavor's requests (kept under the 'new_' prefix during a
+            # resize), and only when the instance holds no claim here yet.
+            requests = _requests_from_instance(instance, "new_") or _requests_from_instance(instance)
+            return self.claim_instance(instance, requests, _skip_if_claimed=True)
         if sign == -1:
             return self.free_instance_claims(instance)
         raise InvalidPciRequest(f"sign must be 1 or -1, got {sign!r}")
@@ -394,16 +414,23 @@ class PciDevTracker:
         orphans: Iterable[str | Mapping[str, Any]],
     ) -> list[PciDevice]:
         """Free the devices of every instance not named in *instances*, *migrations* or *orphans*."""
-        keep = {instance_uuid_of(i) for i in instances}
-        keep |= {instance_uuid_of(m.get("instance_uuid", "")) for m in migrations}
-        keep |= {instance_uuid_of(o) for o in orphans}
+        keep = {instance_uuid_of(i) for i in _iterable(instances, "instances")}
+        for migration in _iterable(migrations, "migrations"):
+            if not isinstance(migration, Mapping):
+                raise InvalidPciRequest(f"Each migration must be a mapping with 'instance_uuid', got {migration!r}")
+            keep.add(instance_uuid_of(migration.get("instance_uuid", "")))
+        keep |= {instance_uuid_of(o) for o in _iterable(orphans, "orphans")}
 
         def clean(change: _Change) -> list[PciDevice]:
+            # one pass to find what to free: O(devices), however many instances there are
+            doomed = sorted(
+                (d for d in self._devs.values() if d.instance_uuid and d.status in ASSIGNED and d.instance_uuid not in keep),
+                key=lambda d: d.address,
+            )
             freed: list[PciDevice] = []
-            owners = sorted({d.instance_uuid for d in self._devs.values() if d.instance_uuid and d.status in ASSIGNED})
-            for uuid in owners:
-                if uuid not in keep:
-                    freed += self._free_owned(uuid, ASSIGNED, change)
+            for device in doomed:
+                freed += self._free_one(device, str(device.instance_uuid), change)
+            self._forget_requests({str(d.instance_uuid) for d in doomed} | set(self._requests) - keep, change)
             return freed
 
         return self._mutate(clean)
@@ -414,20 +441,47 @@ class PciDevTracker:
         freed: list[PciDevice] = []
         for device in self._owned_by(uuid, states):
             freed += self._free_one(device, uuid, change)
-        self._forget_requests(uuid, change)
+        self._forget_requests({uuid}, change)
         return freed
 
     def _free_one(self, device: PciDevice, uuid: str, change: _Change) -> list[PciDevice]:
         changed = device.free(uuid)
         change.touch(changed)
-        if device.stale is not None:
-            _apply(device, device.stale)
-            device.stale = None
         if device.vanished:
             device.vanished = False
+            device.stale = None
             self._drop(device, change)
-            self._build_tree()
+        elif device.stale is not None:
+            old_place = (device.dev_type, device.parent_addr)
+            _apply(device, device.stale)
+            device.stale = None
+            if (device.dev_type, device.parent_addr) != old_place:
+                self._unlink(device)  # it moved in the PF/VF tree: link it where it is now
+                self._link(device)
+                self._fit_new_relatives_of([device])
         return [d for d in changed if d.address in self._devs]
+
+    def _unlink(self, device: PciDevice) -> None:
+        if device.parent is not None:
+            device.parent.children = [c for c in device.parent.children if c is not device]
+            device.parent = None
+        for child in device.children:
+            child.parent = None
+        device.children = []
+
+    def _link(self, device: PciDevice) -> None:
+        if device.dev_type == DEV_TYPE_VF and device.parent_addr is not None:
+            parent = self._devs.get(device.parent_addr)
+            if parent is not None and parent.dev_type == DEV_TYPE_PF:
+                device.parent = parent
+                parent.children = sorted([*parent.children, device], key=lambda d: d.address)
+        elif device.dev_type == DEV_TYPE_PF:
+            device.children = sorted(
+                (d for d in self._devs.values() if d.dev_type == DEV_TYPE_VF and d.parent_addr == device.address),
+                key=lambda d: d.address,
+            )
+            for child in device.children:
+                child.parent = device
 
     def _owned_by(self, uuid: str, states: Iterable[PciStatus]) -> list[PciDevice]:
         """The instance's devices in *states*, by address (one pass, sorting only the few found)."""
@@ -438,11 +492,18 @@ class PciDevTracker:
     def _requests_of(self, uuid: str) -> list[InstancePciRequest]:
         return [self._requests[uuid][rid] for rid in sorted(self._requests.get(uuid, {}))]
 
-    def _forget_requests(self, uuid: str, change: _Change) -> None:
-        """Drop the stored requests of an instance that no longer holds any device."""
-        if not any(d.instance_uuid == uuid for d in self._devs.values()):
-            for request_id in self._requests.pop(uuid, {}):
+    def _forget_requests(self, uuids: set[str], change: _Change) -> None:
+        """Drop each stored request of these instances that no device answers any more."""
+        uuids = {u for u in uuids if u in self._requests}
+        if not uuids:
+            return
+        held = {(d.instance_uuid, d.request_id) for d in self._devs.values() if d.instance_uuid in uuids}
+        for uuid in uuids:
+            for request_id in [r for r in self._requests[uuid] if (uuid, r) not in held]:
+                del self._requests[uuid][request_id]
                 change.requests_deleted.add((uuid, request_id))
+            if not self._requests[uuid]:
+                del self._requests[uuid]
 
     def _mutate(self, work: Callable[[_Change], T]) -> T:
         """Run *work* and persist what it changed in one transaction; on failure reload from disk."""
@@ -546,9 +607,17 @@ def _from_row(row: Sequence[Any]) -> PciDevice:
     )
 
 
-def _requests_from_instance(instance: str | Mapping[str, Any]) -> list[InstancePciRequest]:
+def _iterable(value: Any, what: str) -> Iterable[Any]:
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise InvalidPciRequest(f"{what} must be a list, got {type(value).__name__}")
+    return value
+
+
+def _requests_from_instance(instance: str | Mapping[str, Any], prefix: str = "") -> list[InstancePciRequest]:
     if not isinstance(instance, Mapping):
         return []
+    if prefix:
+        return get_instance_pci_requests(instance, prefix) if "system_metadata" in instance else []
     given = instance.get("pci_requests")
     if given is not None:
         try:
