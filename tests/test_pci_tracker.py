@@ -347,3 +347,23 @@ def test_huge_integers_are_typed_errors(tracker, field):
     with pytest.raises(InvalidDevicesJson):
         tracker.update_devices_from_hypervisor_resources([dict(host()[0], **{field: 2**63})])
     assert snapshot(tracker) == before
+
+
+def test_an_iommu_group_never_goes_to_two_instances(state):
+    gpu = {"address": "0000:3b:00.0", "vendor_id": "10de", "product_id": "1eb8", "iommu_group": 7}
+    audio = {"address": "0000:3b:00.1", "vendor_id": "10de", "product_id": "10f8", "iommu_group": 7}
+    other = {"address": "0000:5e:00.0", "vendor_id": "10de", "product_id": "10f8", "iommu_group": 9}
+    t = open_tracker(state, Whitelist.from_config([{"vendor_id": "10de"}]))
+    t.update_devices_from_hypervisor_resources([gpu, audio, other])
+
+    def want(product):
+        r = request("type-PCI")
+        r.spec[0].update(vendor_id="10de", product_id=product)
+        return r
+
+    t.claim_instance("vm-a", [want("1eb8")])
+    [picked] = t.claim_instance("vm-b", [want("10f8")])
+    assert picked.address == other["address"]  # 3b:00.1 shares vm-a's group
+    with pytest.raises(PciDeviceRequestFailed):
+        t.claim_instance("vm-c", [want("10f8")])
+    assert [d.address for d in t.claim_instance("vm-a", [want("10f8")])] == [audio["address"]]  # same VM: fine

@@ -15,7 +15,7 @@ claims what was picked.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ..errors import PciDeviceRequestFailed
 from .address import DEV_TYPE_PF, DEV_TYPE_VF
@@ -132,12 +132,18 @@ class PciDeviceStats:
             return False
         return True
 
-    def plan(self, requests: Sequence[Any], numa_cells: Sequence[int] | None = None) -> list[list[PciDevice]]:
+    def plan(
+        self,
+        requests: Sequence[Any],
+        numa_cells: Sequence[int] | None = None,
+        allowed: Callable[[PciDevice], bool] | None = None,
+    ) -> list[list[PciDevice]]:
         """Pick devices for every request, all or nothing; the i-th list answers the i-th request.
 
         Greedy in a stable order (like Nova), with one guarantee Nova lacks:
         a device, or a PF together with one of its VFs, is never picked twice
-        across the requests of one claim.
+        across the requests of one claim.  *allowed* can veto devices (the
+        tracker uses it for IOMMU groups).
         """
         excluded: set[str] = set()
         answer: list[list[PciDevice]] = []
@@ -149,6 +155,8 @@ class PciDeviceStats:
                     if len(picked) == request.count:
                         break
                     if device.address in excluded or not _tags_match(alternatives, device):
+                        continue
+                    if allowed is not None and not allowed(device):
                         continue
                     picked.append(device)
                     excluded.add(device.address)

@@ -111,6 +111,7 @@ class PciDevTracker:
         self.stats = PciDeviceStats(grouping_keys, numa_sockets)
         self._devs: dict[str, PciDevice] = {}
         self._requests: dict[str, dict[str, InstancePciRequest]] = {}
+        self._groups: dict[int, list[PciDevice]] = {}
         self._generation = -1
         with store.transaction() as txn:
             for statement in _SCHEMA:
@@ -254,6 +255,7 @@ class PciDevTracker:
         """Remove a free device the host no longer reports (removed -> deleted: its row goes)."""
         device.remove()
         self._unlink(device)
+        self._ungroup(device, device.iommu_group)
         del self._devs[device.address]
         change.touched.pop(device.address, None)
         change.deleted.add(device.address)
@@ -279,8 +281,11 @@ class PciDevTracker:
                     )
 
     def _build_tree(self) -> None:
-        """Link VFs to their PFs (VFs sorted after their PF by address)."""
+        """Link VFs to their PFs (VFs sorted after their PF by address); index IOMMU groups."""
+        self._groups = {}
         for device in self._devs.values():
+            if device.iommu_group is not None:
+                self._groups.setdefault(device.iommu_group, []).append(device)
             device.children = []
             device.parent = None
         for address in sorted(self._devs):
@@ -328,7 +333,8 @@ class PciDevTracker:
             if again:
                 raise PciDeviceRequestFailed(f"Instance {uuid} already holds a claim for request(s) {again}")
             claimed: list[PciDevice] = []
-            for request, devices in zip(requests, self.stats.plan(requests, numa_cells)):
+            plan = self.stats.plan(requests, numa_cells, allowed=lambda d: self._group_free_for(d, uuid))
+            for request, devices in zip(requests, plan):
                 for device in devices:
                     change.touch(device.claim(uuid, request.request_id))
                     claimed.append(device)
@@ -452,14 +458,25 @@ class PciDevTracker:
             device.stale = None
             self._drop(device, change)
         elif device.stale is not None:
-            old_place = (device.dev_type, device.parent_addr)
+            old_place, old_group = (device.dev_type, device.parent_addr), device.iommu_group
             _apply(device, device.stale)
             device.stale = None
+            if device.iommu_group != old_group:
+                self._ungroup(device, old_group)
+                if device.iommu_group is not None:
+                    self._groups.setdefault(device.iommu_group, []).append(device)
             if (device.dev_type, device.parent_addr) != old_place:
                 self._unlink(device)  # it moved in the PF/VF tree: link it where it is now
                 self._link(device)
                 self._fit_new_relatives_of([device])
         return [d for d in changed if d.address in self._devs]
+
+    def _ungroup(self, device: PciDevice, group: int | None) -> None:
+        members = self._groups.get(group) if group is not None else None
+        if members is not None:
+            members[:] = [m for m in members if m is not device]
+            if not members:
+                del self._groups[group]  # type: ignore[arg-type]
 
     def _unlink(self, device: PciDevice) -> None:
         if device.parent is not None:
@@ -482,6 +499,16 @@ class PciDevTracker:
             )
             for child in device.children:
                 child.parent = device
+
+    def _group_free_for(self, device: PciDevice, uuid: str) -> bool:
+        """VFIO gives a whole IOMMU group to one VM: no other instance may hold a device of it."""
+        if device.iommu_group is None:
+            return True
+        return all(
+            m.instance_uuid in (None, uuid) or m.status not in ASSIGNED
+            for m in self._groups.get(device.iommu_group, ())
+            if m is not device
+        )
 
     def _owned_by(self, uuid: str, states: Iterable[PciStatus]) -> list[PciDevice]:
         """The instance's devices in *states*, by address (one pass, sorting only the few found)."""
