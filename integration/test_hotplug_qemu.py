@@ -403,3 +403,15 @@ def test_q35_root_port_takes_its_one_slot_and_the_guest_sees_it(tmp_path):
         assert (first.bus, first.slot) == ("rp1", 0)
         vm.wait_guest_pci(lambda seen: guest_addr(0, bus_number) in seen, timeout=30)
         assert [d.slot for d in store.devices("vm1")] == [0]
+
+
+def test_a_batch_of_16_devices_lands_in_the_guest(guest_vm, store):
+    specs = [DeviceSpec(uid(200 + n), "test", "pci-testdev") for n in range(16)]
+
+    async def batch():
+        async with Monitor(guest_vm.qmp_path) as mon:
+            return await kvmslots.hot_add_many(store, mon, "vm1", specs)
+
+    devices = asyncio.run(batch())
+    assert [d.slot for d in devices] == list(range(4, 20))
+    guest_vm.wait_guest_pci(lambda seen: {guest_addr(s) for s in range(4, 20)} <= seen)

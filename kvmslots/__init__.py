@@ -18,7 +18,7 @@ import logging
 from .devid import device_id, parse_device_id
 from .errors import *  # noqa: F401,F403 - the exception tree is part of the API
 from .errors import __all__ as _errors_all
-from .hotplug import BootPlan, HotDelResult, HotDelStatus, ReconcileReport, hot_add, hot_del, plan_boot, reconcile, watch_unplugs
+from .hotplug import BootPlan, HotDelResult, HotDelStatus, ReconcileReport, hot_add, hot_add_many, hot_del, plan_boot, reconcile, watch_unplugs
 from .model import Device, DeviceSpec, DeviceState, VMSpec
 from .monitor import Monitor
 from .pciview import PciFunction, PciOccupancy, parse_info_pci, parse_query_pci
@@ -31,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "plan_boot",
     "hot_add",
+    "hot_add_many",
     "hot_del",
     "reconcile",
     "watch_unplugs",

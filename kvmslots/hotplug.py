@@ -54,6 +54,7 @@ __all__ = [
     "hot_del",
     "reconcile",
     "watch_unplugs",
+    "hot_add_many",
 ]
 
 log = logging.getLogger(__name__)
@@ -310,26 +311,119 @@ async def _hot_add(store: Store, monitor: MonitorLike, vm: str, spec: DeviceSpec
 
 def _reserve_for_add(store: Store, vm: str, spec: DeviceSpec, view: PciOccupancy) -> tuple[Device, int]:
     """Phase one of a hot add: choose and persist the slot, in one write transaction."""
-    bus_number = view.bus_number(spec.bus)
-    live_slots = view.slots(bus_number)
+    return _reserve_many(store, vm, [spec], view)[0]
+
+
+def _reserve_many(store: Store, vm: str, specs: Sequence[DeviceSpec], view: PciOccupancy) -> list[tuple[Device, int]]:
+    """Choose and persist slots for several devices at once (first free slots, in order)."""
+    numbers = {spec.bus: view.bus_number(spec.bus) for spec in specs}
+    reserved: list[tuple[Device, int]] = []
     with store.transaction() as txn:
         vm_spec = txn.get_vm(vm)
-        existing = txn.find_device(vm, spec.uuid)
-        if existing is not None:
-            raise DeviceExists(f"VM {vm!r} already has device {spec.uuid} as {existing.qemu_id} ({existing.state})")
-        ours = [d for d in txn.devices(vm) if d.bus == spec.bus]
-        slot_map = SlotMap(_live_mask(vm_spec, spec.bus, view), bus=spec.bus)
-        slot_map.occupy(d.slot for d in ours)
-        slot_map.occupy(live_slots)
-        if spec.slot is not None and not slot_map.is_free(spec.slot) and not slot_map.is_masked(spec.slot):
-            holder = next((d.qemu_id for d in ours if d.slot == spec.slot), None)
-            if holder is None:
-                holder = _describe_live(view.at(bus_number, spec.slot))
-            raise SlotOccupied(spec.slot, holder, spec.bus)
-        slot = slot_map.reserve(spec.slot)
-        device = Device.from_spec(spec, slot, DeviceState.ATTACHING)
-        txn.add_device(vm, device)
-    return device, bus_number
+        stored = txn.devices(vm)
+        maps: dict[str, SlotMap] = {}
+        for spec in specs:
+            existing = txn.find_device(vm, spec.uuid)
+            if existing is not None:
+                raise DeviceExists(f"VM {vm!r} already has device {spec.uuid} as {existing.qemu_id} ({existing.state})")
+            slot_map = maps.get(spec.bus)
+            if slot_map is None:
+                slot_map = maps[spec.bus] = SlotMap(_live_mask(vm_spec, spec.bus, view), bus=spec.bus)
+                slot_map.occupy(d.slot for d in stored if d.bus == spec.bus)
+                slot_map.occupy(view.slots(numbers[spec.bus]))
+            if spec.slot is not None and not slot_map.is_free(spec.slot) and not slot_map.is_masked(spec.slot):
+                holder = next((d.qemu_id for d in stored if d.bus == spec.bus and d.slot == spec.slot), None)
+                if holder is None:
+                    holder = next((d.qemu_id for d, _ in reserved if d.bus == spec.bus and d.slot == spec.slot), None)
+                if holder is None:
+                    holder = _describe_live(view.at(numbers[spec.bus], spec.slot))
+                raise SlotOccupied(spec.slot, holder, spec.bus)
+            device = Device.from_spec(spec, slot_map.reserve(spec.slot), DeviceState.ATTACHING)
+            txn.add_device(vm, device)
+            reserved.append((device, numbers[spec.bus]))
+    return reserved
+
+
+async def hot_add_many(
+    store: Store, monitor: MonitorLike, vm: str, specs: Sequence[DeviceSpec], *, undo_timeout: float = 5.0
+) -> list[Device]:
+    """Hot-plug several devices with one occupancy read, one reservation, the adds, one verification.
+
+    All or nothing: if any ``device_add`` or the verification fails, the
+    devices already added are removed again (in reverse order) and every
+    slot is released; the raised :class:`DeviceAddFailed` names the failure.
+    """
+    specs = list(specs)
+    for spec in specs:
+        _refuse_raw_passthrough(spec)
+        if not isinstance(spec, DeviceSpec):
+            raise InvalidPciRequest("hot_add_many takes DeviceSpec only; add passthrough devices with hot_add")
+    if len({spec.uuid for spec in specs}) != len(specs):
+        raise DeviceExists("A device UUID is listed twice")
+    if not specs:
+        return []
+    async with store.vm_lock(vm):
+        view = await monitor.pci()
+        reserved = _reserve_many(store, vm, specs, view)
+        added: list[Device] = []
+        in_flight: Device | None = None
+        try:
+            for device, _ in reserved:
+                in_flight = device
+                await monitor.device_add(device.qmp_arguments())
+                added.append(device)
+                in_flight = None
+            live = await monitor.pci()
+            for device, bus_number in reserved:
+                found = live.find(device.qemu_id)
+                if found is None or (found.bus, found.slot) != (bus_number, device.slot):
+                    raise VerificationFailed(
+                        f"QEMU accepted {device.qemu_id} but query-pci does not show it at bus {bus_number} "
+                        f"slot {device.slot}"
+                    )
+        except BaseException as exc:
+            failure = await asyncio.shield(
+                _undo_many(store, monitor, vm, reserved, added, in_flight, undo_timeout, exc)
+            )
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise failure from exc
+        with store.transaction() as txn:
+            for device, _ in reserved:
+                txn.set_state(vm, device.uuid, DeviceState.ATTACHED)
+        return [device.with_state(DeviceState.ATTACHED) for device, _ in reserved]
+
+
+async def _undo_many(
+    store: Store,
+    monitor: MonitorLike,
+    vm: str,
+    reserved: list[tuple[Device, int]],
+    added: list[Device],
+    in_flight: Device | None,
+    timeout: float,
+    cause: BaseException,
+) -> DeviceAddFailed:
+    """Undo a batch in reverse: remove what QEMU took, settle the one in flight, release the rest."""
+    qemu_message = getattr(cause, "qemu_message", None)
+    notes: list[str] = []
+    for device, _ in reversed(reserved):
+        if device in added:
+            result = await _undo_added(store, monitor, vm, device, timeout, DeviceAddFailed(device.qemu_id))
+            if str(result) != device.qemu_id:
+                notes.append(str(result))
+        elif device is in_flight and not isinstance(cause, QemuCommandError):
+            result = await _undo_unknown(store, monitor, vm, device, timeout, cause)
+            notes.append(str(result))
+        else:
+            _forget(store, vm, device)
+    text = f"Batch hot add of {len(reserved)} device(s) to {vm!r} failed and was undone"
+    if not isinstance(cause, QemuCommandError):
+        text += f": {cause!r}" if not str(cause) else f": {cause}"
+    if notes:
+        text += " (" + "; ".join(notes) + ")"
+    kind = type(cause) if isinstance(cause, DeviceAddFailed) else DeviceAddFailed  # keep VerificationFailed
+    return kind(text, qemu_message if isinstance(cause, QemuCommandError) else None)
 
 
 #: Below a PCIe port only slot 0 exists for the guest.

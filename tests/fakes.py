@@ -19,6 +19,7 @@ class FakeQemu:
     builtin: dict[int, str] = field(default_factory=lambda: {0: "", 1: "", 2: "", 3: ""})
     devices: dict[str, int] = field(default_factory=dict)  # qdev_id -> slot (bus 0)
     refuse_add: str | None = None  # QEMU error text for the next device_add
+    refuse_nth_add: int | None = None  # refuse the n-th device_add (1-based) with refuse_add's text
     lose_after_add: bool = False  # add the device, then drop the connection
     lose_before_add: bool = False
     misplace_by: int = 0  # put the device this many slots off
@@ -52,7 +53,8 @@ class FakeQemu:
         if self.lose_before_add:
             self.connected = False
             raise MonitorConnectionLost("fake: lost before add")
-        if self.refuse_add:
+        adds = sum(1 for c in self.calls if c.startswith("device_add"))
+        if self.refuse_add and (self.refuse_nth_add is None or adds == self.refuse_nth_add):
             text, self.refuse_add = self.refuse_add, None
             raise QemuCommandError("device_add", text, "GenericError")
         slot = int(arguments["addr"], 16)

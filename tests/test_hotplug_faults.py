@@ -5,6 +5,8 @@ import uuid
 
 import pytest
 
+import kvmslots
+
 from kvmslots import (
     DeviceAddFailed,
     DeviceSpec,
@@ -199,3 +201,27 @@ def test_reconcile_never_releases_a_device_qemu_has_but_cannot_place(store):
     report = run(reconcile(store, qemu, "vm1"))
     assert report.unverified == [device.qemu_id] and report.lost == []
     assert states(store) == {device.qemu_id: "attached"}
+
+
+def test_batch_hot_add_takes_first_free_slots_in_one_go(store):
+    qemu = FakeQemu(devices={"stranger": 5})
+    devices = run(kvmslots.hot_add_many(store, qemu, "vm1", [spec(n) for n in range(1, 5)]))
+    assert [d.slot for d in devices] == [4, 6, 7, 8]
+    assert set(states(store).values()) == {"attached"}
+
+
+def test_a_batch_that_fails_midway_is_undone_in_reverse(store):
+    qemu = FakeQemu(refuse_add="'nosuch' is not a valid device model name", refuse_nth_add=3)
+    with pytest.raises(DeviceAddFailed) as info:
+        run(kvmslots.hot_add_many(store, qemu, "vm1", [spec(n) for n in range(1, 5)]))
+    assert info.value.qemu_message == "'nosuch' is not a valid device model name"
+    assert qemu.devices == {} and states(store) == {}
+    assert [c.split()[0] for c in qemu.calls] == ["device_add"] * 3 + ["device_del"] * 2
+    assert qemu.calls[-1].endswith("-pci-4")  # reverse order: the first one added goes last
+
+
+def test_a_batch_with_a_misplaced_device_is_undone(store):
+    qemu = FakeQemu(misplace_by=10)
+    with pytest.raises(VerificationFailed):
+        run(kvmslots.hot_add_many(store, qemu, "vm1", [spec(1), spec(2)]))
+    assert qemu.devices == {} and states(store) == {}
