@@ -15,7 +15,7 @@ claims what was picked.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from ..errors import PciDeviceRequestFailed
 from .address import DEV_TYPE_PF, DEV_TYPE_VF
@@ -75,6 +75,8 @@ class PciDeviceStats:
         self.numa_sockets = dict(numa_sockets or {})
         self._pools: dict[PoolKey, Pool] = {}
         self._where: dict[str, PoolKey] = {}
+        self._by_ids: dict[tuple[str, str], set[PoolKey]] = {}  # (vendor, product) -> pool keys
+        self._order: list[PoolKey] | None = None  # sorted pool keys, rebuilt when pools come or go
 
     # -- membership -------------------------------------------------------------
     def _key(self, device: PciDevice) -> PoolKey:
@@ -92,6 +94,8 @@ class PciDeviceStats:
                 if pool is None:
                     vendor, product, numa, dev_type, parent, tags = key
                     pool = self._pools[key] = Pool(vendor, product, numa, dev_type, parent, dict(tags))
+                    self._by_ids.setdefault((vendor, product), set()).add(key)
+                    self._order = None
                 pool.devices[device.address] = device
                 self._where[device.address] = key
 
@@ -106,16 +110,25 @@ class PciDeviceStats:
             del pool.devices[address]
             if not pool.devices:
                 del self._pools[key]
+                self._by_ids[key[:2]].discard(key)
+                self._order = None
 
     def clear(self) -> None:
         self._pools.clear()
         self._where.clear()
+        self._by_ids.clear()
+        self._order = None
 
     # -- views ----------------------------------------------------------------
     @property
     def pools(self) -> list[Pool]:
         """Non-empty pools in a stable order."""
-        return [self._pools[key] for key in sorted(self._pools, key=_sortable)]
+        return [self._pools[key] for key in self._sorted_keys()]
+
+    def _sorted_keys(self) -> list[PoolKey]:
+        if self._order is None:
+            self._order = sorted(self._pools, key=_sortable)
+        return self._order
 
     def __iter__(self) -> Any:
         return iter(pool.describe() for pool in self.pools)
@@ -172,20 +185,40 @@ class PciDeviceStats:
             answer.append(picked)
         return answer
 
-    def _candidates(self, request: Any, numa_cells: Sequence[int] | None) -> list[tuple[Pool, list[Mapping[str, str]]]]:
-        found = []
-        for pool in self.pools:
+    def _candidates(
+        self, request: Any, numa_cells: Sequence[int] | None
+    ) -> Iterator[tuple[Pool, list[Mapping[str, str]]]]:
+        """Matching pools in order, lazily: a claim usually stops at the first one."""
+        found = self._matching(request, numa_cells)
+        if request.numa_policy == "preferred" and numa_cells is not None:
+            cells = set(numa_cells)
+            return iter(sorted(
+                found, key=lambda item: 0 if item[0].numa_node in cells else 1 if item[0].numa_node is None else 2
+            ))
+        return found
+
+    def _matching(
+        self, request: Any, numa_cells: Sequence[int] | None
+    ) -> Iterator[tuple[Pool, list[Mapping[str, str]]]]:
+        for pool in self._pools_for(request.spec):
             alternatives = [alt for alt in request.spec if _pool_matches(alt, pool, self.grouping_keys)]
             if not alternatives:
                 continue
             if pool.dev_type == DEV_TYPE_PF and not any(alt.get("dev_type") == DEV_TYPE_PF for alt in alternatives):
                 continue  # a PF pool serves only requests that ask for a PF
             if self._numa_allows(request.numa_policy, pool.numa_node, numa_cells):
-                found.append((pool, alternatives))
-        if request.numa_policy == "preferred" and numa_cells is not None:
-            cells = set(numa_cells)
-            found.sort(key=lambda item: 0 if item[0].numa_node in cells else 1 if item[0].numa_node is None else 2)
-        return found
+                yield pool, alternatives
+
+    def _pools_for(self, alternatives: Sequence[Mapping[str, str]]) -> list[Pool]:
+        """Pools that could match: by (vendor, product) when every alternative names both
+        exactly (lowercase hex, as ids are stored), else every pool."""
+        ids = [(alt.get("vendor_id"), alt.get("product_id")) for alt in alternatives]
+        keys: set[PoolKey] = set()
+        for vendor, product in ids:
+            if not (vendor and product and vendor == vendor.lower() and product == product.lower()):
+                return self.pools
+            keys |= self._by_ids.get((vendor, product), set())
+        return [self._pools[key] for key in sorted(keys, key=_sortable)]
 
     def _numa_allows(self, policy: str, node: int | None, cells: Sequence[int] | None) -> bool:
         if cells is None or policy == "preferred":

@@ -61,6 +61,46 @@ def instance_uuid_of(instance: str | Mapping[str, Any]) -> str:
     return value
 
 
+@dataclass(frozen=True)
+class _Parsed:
+    """One validated hypervisor record: its values, its device_spec tags (None: not tracked)."""
+
+    address: str
+    values: dict[str, Any]
+    tags: dict[str, str] | None
+
+    @property
+    def fingerprint(self) -> tuple[Any, ...]:
+        return _fingerprint_of(self.values, self.tags or {})
+
+
+def _fingerprint_of(values: Mapping[str, Any], tags: Mapping[str, str]) -> tuple[Any, ...]:
+    return (*(values[name] for name in HYPERVISOR_FIELDS), tuple(sorted(tags.items())))
+
+
+_CACHE_FIELDS = (*HYPERVISOR_FIELDS, "compute_node_id", "extra_info")
+
+
+def _cache_key(raw: Any) -> tuple[Any, ...] | None:
+    """A key that identifies a record exactly: its keys, values, and the types of the numbers
+    (so that True or 1.0 never pass for a validated 1).  None: not cacheable."""
+    if not isinstance(raw, Mapping):
+        return None
+    try:
+        caps = raw.get("capabilities")
+        key = (
+            frozenset(raw),
+            *(raw.get(name) for name in _CACHE_FIELDS),
+            type(raw.get("numa_node")),
+            type(raw.get("iommu_group")),
+            None if caps is None else json.dumps(caps, sort_keys=True),
+        )
+        hash(key)
+    except (TypeError, ValueError):
+        return None
+    return key
+
+
 @dataclass
 class SyncReport:
     """What a sync did, by address: ``kept`` are assigned devices the host no longer reports
@@ -78,7 +118,8 @@ class SyncReport:
 class _Change:
     """Devices touched by one operation (written together at its end)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_touch: Callable[[PciDevice], None]) -> None:
+        self._on_touch = on_touch
         self.touched: dict[str, PciDevice] = {}
         self.deleted: set[str] = set()
         self.requests_put: list[tuple[str, InstancePciRequest]] = []
@@ -87,6 +128,7 @@ class _Change:
     def touch(self, devices: Iterable[PciDevice]) -> None:
         for device in devices:
             self.touched[device.address] = device
+            self._on_touch(device)
 
 
 class PciDevTracker:
@@ -112,6 +154,10 @@ class PciDevTracker:
         self._devs: dict[str, PciDevice] = {}
         self._requests: dict[str, dict[str, InstancePciRequest]] = {}
         self._groups: dict[int, list[PciDevice]] = {}
+        self._owners: dict[str, set[str]] = {}  # instance -> addresses it holds (any status)
+        self._owner_of: dict[str, str] = {}
+        self._fingerprints: dict[str, tuple[Any, ...]] = {}  # address -> hypervisor values + tags
+        self._parse_cache: dict[tuple[Any, ...], _Parsed] = {}
         self._generation = -1
         with store.transaction() as txn:
             for statement in _SCHEMA:
@@ -184,7 +230,13 @@ class PciDevTracker:
         reported = self._parse_devices_json(devices_json)
         return self._mutate(lambda change: self._sync(reported, change))
 
-    def _parse_devices_json(self, devices_json: str | Sequence[Mapping[str, Any]]) -> dict[str, PciDevice]:
+    def _parse_devices_json(self, devices_json: str | Sequence[Mapping[str, Any]]) -> dict[str, _Parsed]:
+        """Validate the list and match it against the device spec; only tracked devices are returned.
+
+        A record seen before (same keys, same values, same types) is not
+        validated and matched again: a steady-state sync of thousands of
+        devices costs a dictionary lookup per device.
+        """
         if isinstance(devices_json, (str, bytes)):
             try:
                 devices_json = json.loads(devices_json)
@@ -192,20 +244,35 @@ class PciDevTracker:
                 raise InvalidDevicesJson(f"Device list is not valid JSON: {exc}") from None
         if not isinstance(devices_json, list):
             raise InvalidDevicesJson("Device list must be a JSON list of device objects")
-        reported: dict[str, PciDevice] = {}
+        if len(self._parse_cache) > 4 * len(devices_json) + 1024:
+            self._parse_cache.clear()
+        reported: dict[str, _Parsed] = {}
+        seen: set[str] = set()
         for raw in devices_json:
-            device = device_from_hypervisor(raw)
-            if device.address in reported:
-                raise InvalidDevicesJson(f"Device {device.address} is listed twice")
-            # capabilities (VPD) only inform the match (remote_managed); they are not kept
-            tags = self.dev_filter.match({**device.hypervisor_values(), "capabilities": raw.get("capabilities")})
-            if tags is None:
-                continue  # not in the device_spec: not ours to track
-            device.tags = dict(tags)
-            reported[device.address] = device
+            key = _cache_key(raw)
+            parsed = self._parse_cache.get(key) if key is not None else None
+            if parsed is None:
+                device = device_from_hypervisor(raw)
+                # capabilities (VPD) only inform the match (remote_managed); they are not kept
+                tags = self.dev_filter.match({**device.hypervisor_values(), "capabilities": raw.get("capabilities")})
+                values = device.hypervisor_values()
+                parsed = _Parsed(device.address, values, None if tags is None else dict(tags))
+                if key is not None:
+                    self._parse_cache[key] = parsed
+            if parsed.address in seen:
+                raise InvalidDevicesJson(f"Device {parsed.address} is listed twice")
+            seen.add(parsed.address)
+            if parsed.tags is not None:  # else: not in the device_spec, not ours to track
+                reported[parsed.address] = parsed
         return reported
 
-    def _sync(self, reported: dict[str, PciDevice], change: _Change) -> SyncReport:
+    def _fingerprint(self, device: PciDevice) -> tuple[Any, ...]:
+        fp = self._fingerprints.get(device.address)
+        if fp is None:
+            fp = self._fingerprints[device.address] = _fingerprint_of(device.hypervisor_values(), device.tags)
+        return fp
+
+    def _sync(self, reported: dict[str, _Parsed], change: _Change) -> SyncReport:
         report = SyncReport()
         for address in [a for a in self._devs if a not in reported]:
             existing = self._devs[address]
@@ -225,26 +292,28 @@ class PciDevTracker:
         for address, new in reported.items():
             found = self._devs.get(address)
             if found is None:
-                self._devs[address] = new
-                change.touch([new])
+                device = PciDevice(**new.values, tags=dict(new.tags or {}))
+                self._devs[address] = device
+                change.touch([device])
                 report.added.append(address)
                 continue
             existing = found
-            values = {**new.hypervisor_values(), "tags": new.tags}
+            same = new.fingerprint == self._fingerprint(existing)
             if existing.status in ASSIGNED:
-                current = {**existing.hypervisor_values(), "tags": existing.tags}
-                stale = values if values != current else None
+                stale = None if same else {**new.values, "tags": dict(new.tags or {})}
                 if stale != existing.stale or existing.vanished:
                     existing.stale, existing.vanished = stale, False
                     change.touch([existing])
                     if stale is not None:
                         report.updated.append(address)
-            elif values != {**existing.hypervisor_values(), "tags": existing.tags}:
-                _apply(existing, values)
+            elif not same:
+                _apply(existing, {**new.values, "tags": dict(new.tags or {})})
+                self._fingerprints[address] = new.fingerprint
                 change.touch([existing])
                 report.updated.append(address)
-        self._build_tree()
-        self._fit_new_relatives(change)
+        if change.touched or change.deleted:  # a steady sync changes nothing: no tree to rebuild
+            self._build_tree()
+            self._fit_new_relatives(change)
         report.added.sort()
         report.removed.sort()
         report.kept.sort()
@@ -256,6 +325,8 @@ class PciDevTracker:
         device.remove()
         self._unlink(device)
         self._ungroup(device, device.iommu_group)
+        self._index_owner(device)
+        self._fingerprints.pop(device.address, None)
         del self._devs[device.address]
         change.touched.pop(device.address, None)
         change.deleted.add(device.address)
@@ -429,10 +500,9 @@ class PciDevTracker:
 
         def clean(change: _Change) -> list[PciDevice]:
             # one pass to find what to free: O(devices), however many instances there are
-            doomed = sorted(
-                (d for d in self._devs.values() if d.instance_uuid and d.status in ASSIGNED and d.instance_uuid not in keep),
-                key=lambda d: d.address,
-            )
+            doomed = [
+                d for owner in sorted(set(self._owners) - keep) for d in self._owned_by(owner, ASSIGNED)
+            ]
             freed: list[PciDevice] = []
             for device in doomed:
                 freed += self._free_one(device, str(device.instance_uuid), change)
@@ -461,6 +531,7 @@ class PciDevTracker:
             old_place, old_group = (device.dev_type, device.parent_addr), device.iommu_group
             _apply(device, device.stale)
             device.stale = None
+            self._fingerprints.pop(device.address, None)
             if device.iommu_group != old_group:
                 self._ungroup(device, old_group)
                 if device.iommu_group is not None:
@@ -511,10 +582,24 @@ class PciDevTracker:
         )
 
     def _owned_by(self, uuid: str, states: Iterable[PciStatus]) -> list[PciDevice]:
-        """The instance's devices in *states*, by address (one pass, sorting only the few found)."""
+        """The instance's devices in *states*, by address (from the owner index: no scan)."""
         wanted = frozenset(states)
-        found = [d for d in self._devs.values() if d.instance_uuid == uuid and d.status in wanted]
-        return sorted(found, key=lambda d: d.address)
+        found = (self._devs[a] for a in sorted(self._owners.get(uuid, ())))
+        return [d for d in found if d.status in wanted]
+
+    def _index_owner(self, device: PciDevice) -> None:
+        address, new = device.address, device.instance_uuid
+        old = self._owner_of.get(address)
+        if old == new:
+            return
+        if old is not None:
+            self._owners[old].discard(address)
+            if not self._owners[old]:
+                del self._owners[old]
+            del self._owner_of[address]
+        if new is not None:
+            self._owners.setdefault(new, set()).add(address)
+            self._owner_of[address] = new
 
     def _requests_of(self, uuid: str) -> list[InstancePciRequest]:
         return [self._requests[uuid][rid] for rid in sorted(self._requests.get(uuid, {}))]
@@ -524,7 +609,7 @@ class PciDevTracker:
         uuids = {u for u in uuids if u in self._requests}
         if not uuids:
             return
-        held = {(d.instance_uuid, d.request_id) for d in self._devs.values() if d.instance_uuid in uuids}
+        held = {(u, self._devs[a].request_id) for u in uuids for a in self._owners.get(u, ())}
         for uuid in uuids:
             for request_id in [r for r in self._requests[uuid] if (uuid, r) not in held]:
                 del self._requests[uuid][request_id]
@@ -538,7 +623,7 @@ class PciDevTracker:
             with self.store.transaction() as txn:
                 if self._read_generation(txn) != self._generation:
                     self._load(txn)
-                change = _Change()
+                change = _Change(self._index_owner)
                 result = work(change)
                 self._flush(txn, change)
         except BaseException:
@@ -591,6 +676,10 @@ class PciDevTracker:
         self._build_tree()
         self.stats.clear()
         self.stats.update(self._devs.values())
+        self._owners, self._owner_of = {}, {}
+        for device in self._devs.values():
+            self._index_owner(device)
+        self._fingerprints = {}
         self._requests = {}
         for uuid, body in txn.execute(
             "SELECT instance_uuid, body FROM pci_requests WHERE node = ?", (self.node_id,)
