@@ -137,8 +137,8 @@ class RacingMonitor(Monitor):
         super().__init__(path)
         self.slot = slot
 
-    async def pci(self):
-        view = await super().pci()
+    async def pci(self, **kw):
+        view = await super().pci(**kw)
         if self.slot is not None:
             await self.execute("device_add", {"driver": "pci-testdev", "id": f"racer{self.slot}", "addr": hex(self.slot)})
             self.slot = None

@@ -273,10 +273,10 @@ async def hot_add(
 
 async def _hot_add(store: Store, monitor: MonitorLike, vm: str, spec: DeviceSpec, undo_timeout: float) -> Device:
     for attempt in range(_RACE_RETRIES + 1):
-        view = await monitor.pci()
+        view = await monitor.pci(placement_only=True)
         device, bus_number = _reserve_for_add(store, vm, spec, view)
         try:
-            await monitor.device_add(device.qmp_arguments())
+            after = await _add_and_view(monitor, device.qmp_arguments())
         except QemuCommandError as exc:
             _forget(store, vm, device)
             if spec.slot is None and _SLOT_TAKEN_TEXT in exc.qemu_message and attempt < _RACE_RETRIES:
@@ -291,13 +291,7 @@ async def _hot_add(store: Store, monitor: MonitorLike, vm: str, spec: DeviceSpec
             await asyncio.shield(_undo_unknown(store, monitor, vm, device, undo_timeout, "cancelled"))
             raise
         break
-    try:
-        live = (await monitor.pci()).find(device.qemu_id)
-    except MonitorError as exc:
-        raise await _undo_unknown(store, monitor, vm, device, undo_timeout, exc) from exc
-    except asyncio.CancelledError:
-        await asyncio.shield(_undo_unknown(store, monitor, vm, device, undo_timeout, "cancelled"))
-        raise
+    live = after.find(device.qemu_id)
     if live is None or (live.bus, live.slot) != (bus_number, device.slot):
         where = "absent" if live is None else f"at bus {live.bus} slot {live.slot}"
         failure = VerificationFailed(
@@ -307,6 +301,16 @@ async def _hot_add(store: Store, monitor: MonitorLike, vm: str, spec: DeviceSpec
     with store.transaction() as txn:
         txn.set_state(vm, device.uuid, DeviceState.ATTACHED)
     return device.with_state(DeviceState.ATTACHED)
+
+
+async def _add_and_view(monitor: MonitorLike, arguments: dict[str, Any]) -> PciOccupancy:
+    """device_add, then the placement view (pipelined where the monitor can)."""
+    pipelined = getattr(monitor, "device_add_and_view", None)
+    if pipelined is not None:
+        view: PciOccupancy = await pipelined(arguments)
+        return view
+    await monitor.device_add(arguments)
+    return await monitor.pci(placement_only=True)
 
 
 def _reserve_for_add(store: Store, vm: str, spec: DeviceSpec, view: PciOccupancy) -> tuple[Device, int]:
@@ -363,7 +367,7 @@ async def hot_add_many(
     if not specs:
         return []
     async with store.vm_lock(vm):
-        view = await monitor.pci()
+        view = await monitor.pci(placement_only=True)
         reserved = _reserve_many(store, vm, specs, view)
         added: list[Device] = []
         in_flight: Device | None = None
@@ -373,7 +377,7 @@ async def hot_add_many(
                 await monitor.device_add(device.qmp_arguments())
                 added.append(device)
                 in_flight = None
-            live = await monitor.pci()
+            live = await monitor.pci(placement_only=True)
             for device, bus_number in reserved:
                 found = live.find(device.qemu_id)
                 if found is None or (found.bus, found.slot) != (bus_number, device.slot):

@@ -38,7 +38,7 @@ ALREADY_UNPLUGGING = "already in the process of unplug"
 class MonitorLike(Protocol):
     """What the orchestration needs from a monitor (a fake for fault injection implements this)."""
 
-    async def pci(self) -> PciOccupancy: ...
+    async def pci(self, *, placement_only: bool = False) -> PciOccupancy: ...
 
     async def device_add(self, arguments: Mapping[str, Any]) -> None: ...
 
@@ -127,9 +127,13 @@ class Monitor:
         text = await self.execute("human-monitor-command", {"command-line": "info pci"})
         return parse_info_pci(text)
 
-    async def pci(self) -> PciOccupancy:
+    async def pci(self, *, placement_only: bool = False) -> PciOccupancy:
         """The live PCI view: ``query-pci`` (or ``info pci`` where QEMU lacks it), plus the ids
-        of every device QEMU has, so that absence from the bus view is never taken for removal."""
+        of every device QEMU has, so that absence from the bus view is never taken for removal.
+
+        *placement_only* skips the second part: enough to choose or verify a slot, not to
+        conclude that a device is gone.
+        """
         view: PciOccupancy | None = None
         if self._has_query_pci is not False:
             try:
@@ -142,7 +146,24 @@ class Monitor:
                 log.info("query-pci not available at %s; falling back to info pci", self.address)
         if view is None:
             view = await self.info_pci()
-        view.peripherals = frozenset(await self.peripheral_ids())
+        if not placement_only:
+            view.peripherals = frozenset(await self.peripheral_ids())
+        return view
+
+    async def device_add_and_view(self, arguments: Mapping[str, Any]) -> PciOccupancy:
+        """``device_add``, with ``query-pci`` sent right behind it (pipelined).
+
+        QMP handles one connection's commands in order, so the view already
+        shows what the add did, and the round trip of a second request is saved.
+        device_add's error, if any, is raised (the view's answer is still read).
+        """
+        added, view = await asyncio.gather(
+            self.device_add(arguments), self.pci(placement_only=True), return_exceptions=True
+        )
+        if isinstance(added, BaseException):
+            raise added
+        if isinstance(view, BaseException):
+            raise view
         return view
 
     async def peripheral_ids(self) -> list[str]:

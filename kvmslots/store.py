@@ -264,14 +264,21 @@ class Store:
 
     def _lock_fd(self, vm: str) -> int:
         lock_dir = self.state_dir / "locks"
-        lock_dir.mkdir(mode=0o700, exist_ok=True)
-        return os.open(lock_dir / f"{validate_vm_name(vm)}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        path = lock_dir / f"{validate_vm_name(vm)}.lock"
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        except FileNotFoundError:  # first lock in this state dir
+            lock_dir.mkdir(mode=0o700, exist_ok=True)
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
 
     @contextlib.contextmanager
     def vm_lock_sync(self, vm: str, timeout: float = 60.0) -> Iterator[None]:
         """:meth:`vm_lock` for synchronous callers (define, delete and import of a VM)."""
         fd = self._lock_fd(vm)
         try:
+            if _try_flock(fd):
+                yield
+                return
             retrying = tenacity.Retrying(
                 stop=tenacity.stop_after_delay(timeout),
                 wait=tenacity.wait_exponential(multiplier=0.005, max=0.1),
@@ -298,6 +305,9 @@ class Store:
         """
         fd = self._lock_fd(vm)
         try:
+            if _try_flock(fd):  # uncontended: no retry machinery
+                yield
+                return
             retrying = tenacity.AsyncRetrying(
                 stop=tenacity.stop_after_delay(timeout),
                 wait=tenacity.wait_exponential(multiplier=0.005, max=0.1),
@@ -446,6 +456,14 @@ def parse_export(document: Mapping[str, Any] | str | bytes) -> tuple[VMSpec, lis
         ids[(uuid8(device.uuid), device.slot)] = device.qemu_id
         devices.append(device)
     return vm, devices
+
+
+def _try_flock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _private_dir(path: Path) -> None:

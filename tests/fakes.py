@@ -37,7 +37,7 @@ class FakeQemu:
         if not self.connected:
             raise MonitorConnectionLost("fake: not connected")
 
-    async def pci(self) -> PciOccupancy:
+    async def pci(self, *, placement_only: bool = False) -> PciOccupancy:
         self._check()
         view = PciOccupancy(
             (PciFunction(0, slot, 0, qdev_id) for slot, qdev_id in self.builtin.items()), peripherals=set(self.devices)

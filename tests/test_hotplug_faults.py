@@ -68,8 +68,8 @@ def test_slot_taken_behind_our_back_between_view_and_add_is_retried(store):
     qemu = FakeQemu()
     original = qemu.pci
 
-    async def racing_view():
-        view = await original()
+    async def racing_view(**kw):
+        view = await original(**kw)
         qemu.devices.setdefault("sneaky", 4)  # raw QMP adds a device right after we looked
         return view
 
