@@ -279,16 +279,10 @@ class Store:
             if _try_flock(fd):
                 yield
                 return
-            retrying = tenacity.Retrying(
-                stop=tenacity.stop_after_delay(timeout),
-                wait=tenacity.wait_exponential(multiplier=0.005, max=0.1),
-                retry=tenacity.retry_if_exception_type(BlockingIOError),
-                reraise=True,
-            )
             try:
-                retrying(fcntl.flock, fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                tenacity.Retrying(**_lock_wait(timeout))(fcntl.flock, fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise VMBusy(f"VM {vm!r} is locked by another operation for more than {timeout:g}s") from None
+                raise _busy(vm, timeout) from None
             yield
         finally:
             os.close(fd)
@@ -308,18 +302,12 @@ class Store:
             if _try_flock(fd):  # uncontended: no retry machinery
                 yield
                 return
-            retrying = tenacity.AsyncRetrying(
-                stop=tenacity.stop_after_delay(timeout),
-                wait=tenacity.wait_exponential(multiplier=0.005, max=0.1),
-                retry=tenacity.retry_if_exception_type(BlockingIOError),
-                reraise=True,
-            )
             try:
-                async for attempt in retrying:
+                async for attempt in tenacity.AsyncRetrying(**_lock_wait(timeout)):
                     with attempt:
                         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise VMBusy(f"VM {vm!r} is locked by another operation for more than {timeout:g}s") from None
+                raise _busy(vm, timeout) from None
             yield
         finally:
             os.close(fd)  # closing the descriptor releases the lock
@@ -456,6 +444,20 @@ def parse_export(document: Mapping[str, Any] | str | bytes) -> tuple[VMSpec, lis
         ids[(uuid8(device.uuid), device.slot)] = device.qemu_id
         devices.append(device)
     return vm, devices
+
+
+def _lock_wait(timeout: float) -> dict[str, Any]:
+    """How long and how often to retry a VM lock someone else holds (sync and async alike)."""
+    return {
+        "stop": tenacity.stop_after_delay(timeout),
+        "wait": tenacity.wait_exponential(multiplier=0.005, max=0.1),
+        "retry": tenacity.retry_if_exception_type(BlockingIOError),
+        "reraise": True,
+    }
+
+
+def _busy(vm: str, timeout: float) -> VMBusy:
+    return VMBusy(f"VM {vm!r} is locked by another operation for more than {timeout:g}s")
 
 
 def _try_flock(fd: int) -> bool:
