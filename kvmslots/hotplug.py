@@ -677,6 +677,7 @@ class ReconcileReport:
     not_running: list[str] = field(default_factory=list)  # planned and absent (VM not booted with it yet)
     misplaced: list[str] = field(default_factory=list)  # present at another bus/slot than recorded
     unverified: list[str] = field(default_factory=list)  # QEMU has it but shows it on no bus right now
+    host_freed: list[str] = field(default_factory=list)  # host devices claimed for a guest device never recorded
     unknown: list[dict[str, Any]] = field(default_factory=list)  # live devices we did not place
 
     @property
@@ -693,6 +694,7 @@ class ReconcileReport:
             "not_running": self.not_running,
             "misplaced": self.misplaced,
             "unverified": self.unverified,
+            "host_freed": self.host_freed,
             "unknown": self.unknown,
         }
 
@@ -723,6 +725,7 @@ async def reconcile(
             for device in store.devices(vm):
                 if device.state is DeviceState.ATTACHED:
                     host.allocate_guest_device(vm, device)
+            report.host_freed = host.free_orphan_claims(vm, {d.uuid for d in store.devices(vm)})
         return report
 
 

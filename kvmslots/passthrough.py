@@ -25,7 +25,7 @@ from .errors import HostBindError, InvalidPciRequest, KvmSlotsError, PciError
 from .model import ROOT_BUS, Device, DeviceSpec
 from .pci.binding import HostBinder
 from .pci.device import PciDevice, PciStatus
-from .pci.request import InstancePciRequest
+from .pci.request import SOURCE_PASSTHROUGH, InstancePciRequest
 from .pci.tracker import PciDevTracker
 
 __all__ = ["PassthroughSpec", "HostDevices", "PASSTHROUGH_DRIVER", "PASSTHROUGH_TYPE"]
@@ -57,7 +57,7 @@ class PassthroughSpec:
             raise InvalidPciRequest(f"A passthrough device takes exactly one host device, the request asks for {self.request.count}")
         if "host" in self.props:
             raise InvalidPciRequest("The host address of a passthrough device is chosen by the tracker, not given")
-        object.__setattr__(self, "request", replace(self.request, request_id=self.uuid))
+        object.__setattr__(self, "request", replace(self.request, request_id=self.uuid, source=SOURCE_PASSTHROUGH))
         # validates bus, slot and props the same way as any guest device
         self.guest_spec("0000:00:00.0")
 
@@ -126,6 +126,28 @@ class HostDevices:
         except PciError as exc:
             log.error("Guest device %s is present but its host device %s is not claimed for %s: %s",
                       device.qemu_id, host, vm, exc)
+
+
+    def free_orphan_claims(self, vm: str, guest_uuids: set[str]) -> list[str]:
+        """Free passthrough claims of *vm* that no guest device record points to.
+
+        Only a crash between the claim and the guest record leaves one; QEMU
+        cannot hold such a device (device_add is sent only after the record
+        exists), so it goes back to the host.
+        """
+        orphans = [
+            r.request_id for r in self.tracker.instance_requests(vm)
+            if r.source == SOURCE_PASSTHROUGH and r.request_id not in guest_uuids
+        ]
+        freed: list[str] = []
+        for request_id in orphans:
+            for device in self.tracker.get_instance_pci_devs(vm, request_id):
+                if device.status is PciStatus.CLAIMED:
+                    log.warning("Freeing host device %s: claimed for %s's device %s, which was never recorded",
+                                device.address, vm, request_id)
+                    self.release(vm, device.address)
+                    freed.append(device.address)
+        return freed
 
 
 def holds_host_device(device: Device, host_address: str) -> bool:

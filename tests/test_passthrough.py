@@ -263,3 +263,17 @@ def test_slot_manager_passthrough(tmp_path):
         assert plan.qemu_args[1].endswith(f"host={plain_addr(0)}")
         manager.plan_boot("vm1", [])
         assert tracker.get_device(plain_addr(0)).status is PciStatus.AVAILABLE
+
+
+def test_reconcile_frees_a_claim_whose_guest_device_was_never_recorded(env):
+    store, tracker, hostdevs, binder = env
+    qemu = FakeQemu()
+    kept = run(hot_add(store, qemu, "vm1", gpu(1), host=hostdevs))
+    hostdevs.claim("vm1", gpu(2))  # as if the process died right after the claim (and the bind)
+    flavor = tracker.claim_instance("vm1", [request("type-VF")])  # a flavor claim is not ours to judge
+    report = run(reconcile(store, qemu, "vm1", host=hostdevs))
+    assert report.host_freed == [plain_addr(1)]
+    assert tracker.get_device(plain_addr(1)).status is PciStatus.AVAILABLE
+    assert binder.calls[-1] == f"reattach {plain_addr(1)}"
+    assert tracker.get_device(kept.props["host"]).status is PciStatus.ALLOCATED
+    assert tracker.get_device(flavor[0].address).status is PciStatus.CLAIMED

@@ -69,7 +69,9 @@ NUMA_POLICIES = (NUMA_POLICY_REQUIRED, NUMA_POLICY_LEGACY, NUMA_POLICY_PREFERRED
 
 SOURCE_FLAVOR = "flavor"
 SOURCE_PORT = "port"
-SOURCES = (SOURCE_FLAVOR, SOURCE_PORT)
+#: A guest device of kvmslots' own passthrough path; its request id is the guest device's UUID.
+SOURCE_PASSTHROUGH = "passthrough"
+SOURCES = (SOURCE_FLAVOR, SOURCE_PORT, SOURCE_PASSTHROUGH)
 
 EXTRA_SPEC_PREFIX = "pci_passthrough:"
 ALIAS_EXTRA_SPEC = EXTRA_SPEC_PREFIX + "alias"
