@@ -413,8 +413,9 @@ async def _undo_many(
     notes: list[str] = []
     for device, _ in reversed(reserved):
         if device in added:
-            result = await _undo_added(store, monitor, vm, device, timeout, DeviceAddFailed(device.qemu_id))
-            if str(result) != device.qemu_id:
+            clean = DeviceAddFailed(device.qemu_id)
+            result = await _undo_added(store, monitor, vm, device, timeout, clean)
+            if result is not clean:  # _undo_added says what it could not undo
                 notes.append(str(result))
         elif device is in_flight and not isinstance(cause, QemuCommandError):
             result = await _undo_unknown(store, monitor, vm, device, timeout, cause)

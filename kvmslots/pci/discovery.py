@@ -490,21 +490,20 @@ def discover_libvirt(conn_or_uri: Any) -> list[PciRecord]:
     """
     libvirt = _import_libvirt(DiscoveryError)
     with _connection(libvirt, conn_or_uri, True, DiscoveryError) as conn:
+        def descriptions(capability: int) -> list[str]:
+            """XML of every node device with *capability*; one that vanishes meanwhile is skipped."""
+            found: list[str] = []
+            for dev in conn.listAllDevices(capability):
+                try:
+                    found.append(dev.XMLDesc(0))
+                except libvirt.libvirtError as exc:
+                    if not _is_gone(exc):
+                        raise
+            return found
+
         try:
-            pci_xml: list[str] = []
-            for dev in conn.listAllDevices(libvirt.VIR_CONNECT_LIST_NODE_DEVICES_CAP_PCI_DEV):
-                try:
-                    pci_xml.append(dev.XMLDesc(0))
-                except libvirt.libvirtError as exc:
-                    if not _is_gone(exc):
-                        raise
-            net_xml: list[str] = []
-            for dev in conn.listAllDevices(libvirt.VIR_CONNECT_LIST_NODE_DEVICES_CAP_NET):
-                try:
-                    net_xml.append(dev.XMLDesc(0))
-                except libvirt.libvirtError as exc:
-                    if not _is_gone(exc):
-                        raise
+            pci_xml = descriptions(libvirt.VIR_CONNECT_LIST_NODE_DEVICES_CAP_PCI_DEV)
+            net_xml = descriptions(libvirt.VIR_CONNECT_LIST_NODE_DEVICES_CAP_NET)
         except libvirt.libvirtError as exc:
             raise DiscoveryError(f"libvirt node device listing failed: {_libvirt_message(exc)}") from exc
 
