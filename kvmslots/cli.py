@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Awaitable, Callable, NoReturn, Sequence, TypeVar
@@ -22,7 +23,7 @@ from . import hotplug
 from .devid import PropValue, validate_uuid, validate_vm_name
 from .errors import KvmSlotsError, ValidationError
 from .model import ROOT_BUS, Device, DeviceSpec, DeviceState, VMSpec
-from .monitor import Monitor
+from .monitor import Monitor, validate_timeout
 from .pciview import PciOccupancy
 from .slots import DEFAULT_PCI_RESERVATIONS, NUM_SLOTS, SlotMap
 from .store import Store
@@ -52,15 +53,15 @@ def _read_json_file(path: str, what: str) -> Any:
         return json.loads(text)
     except OSError as exc:
         raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
-    except ValueError as exc:
+    except (ValueError, UnicodeDecodeError) as exc:
         raise UsageError(f"{what} {path} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise UsageError(f"{what} {path} is nested too deeply to be a valid document") from None
 
 
 def _prop_value(text: str) -> PropValue:
-    if text.isdigit():
-        return int(text)
-    if text in ("true", "false"):
-        return text == "true"
+    """A property value exactly as typed: ``serial=007`` stays ``"007"``.  Values of integer
+    properties become integers at ``attach``, where QEMU says which properties those are."""
     return text
 
 
@@ -93,12 +94,23 @@ def _device_json(device: Device) -> dict[str, Any]:
             "bus": device.bus, "slot": device.slot}
 
 
-def _with_monitor(qmp: str, work: Callable[[Monitor], Awaitable[T]]) -> T:
+def _with_monitor(args: argparse.Namespace, work: Callable[[Monitor], Awaitable[T]]) -> T:
     async def run() -> T:
-        async with Monitor(qmp, connect_timeout=float(os.environ.get("KVMSLOTS_CONNECT_TIMEOUT", "30"))) as mon:
+        async with Monitor(args.qmp, connect_timeout=args.connect_timeout, command_timeout=args.qmp_timeout) as mon:
             return await work(mon)
 
     return asyncio.run(run())
+
+
+def _seconds(text: str, what: str, *, allow_zero: bool = True) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"{what} must be a number of seconds, got {text!r}") from None
+    try:
+        return validate_timeout(value, what, allow_zero=allow_zero)
+    except ValidationError as exc:
+        raise UsageError(str(exc)) from None
 
 
 class Output:
@@ -126,13 +138,15 @@ def cmd_plan(args: argparse.Namespace, store: Store, out: Output) -> int:
                     args.mask or (old.mask if old else DEFAULT_PCI_RESERVATIONS))
     plan = asyncio.run(hotplug.plan_boot(store, vm, devices, host=_host_devices(store)))
     rows = [{**_device_json(d), "arg": d.device_option()} for d in plan.devices]
-    out.emit(rows, lambda: "\n".join(f"-device {row['arg']}" for row in rows))
+    # Quoted for a POSIX shell: a value such as mac=$(touch x) stays data in `qemu ... $(kvmslots plan ...)`
+    # only through eval; quoted, `eval "qemu-system-x86_64 $(kvmslots plan ...)"` is safe.
+    out.emit(rows, lambda: "\n".join(f"-device {shlex.quote(row['arg'])}" for row in rows))
     return 0
 
 
 def cmd_attach(args: argparse.Namespace, store: Store, out: Output) -> int:
     spec = DeviceSpec(args.uuid, args.type, args.driver, _parse_props(args.prop), args.bus, args.slot)
-    device = _with_monitor(args.qmp, lambda mon: hotplug.hot_add(store, mon, args.vm, spec))
+    device = _with_monitor(args, lambda mon: hotplug.hot_add(store, mon, args.vm, spec))
     out.emit(_device_json(device), f"attached {device.qemu_id} at {device.bus} slot {device.slot}")
     return 0
 
@@ -140,7 +154,7 @@ def cmd_attach(args: argparse.Namespace, store: Store, out: Output) -> int:
 def cmd_detach(args: argparse.Namespace, store: Store, out: Output) -> int:
     host = _host_devices(store)
     result = _with_monitor(
-        args.qmp, lambda mon: hotplug.hot_del(store, mon, args.vm, args.uuid, timeout=args.timeout, host=host)
+        args, lambda mon: hotplug.hot_del(store, mon, args.vm, args.uuid, timeout=args.timeout, host=host)
     )
     device = result.device
     text = (
@@ -155,7 +169,7 @@ def cmd_detach(args: argparse.Namespace, store: Store, out: Output) -> int:
 
 def cmd_reconcile(args: argparse.Namespace, store: Store, out: Output) -> int:
     host = _host_devices(store)
-    report = _with_monitor(args.qmp, lambda mon: hotplug.reconcile(store, mon, args.vm, host=host))
+    report = _with_monitor(args, lambda mon: hotplug.reconcile(store, mon, args.vm, host=host))
     data = report.to_json()
 
     def text() -> str:
@@ -169,7 +183,7 @@ def cmd_reconcile(args: argparse.Namespace, store: Store, out: Output) -> int:
 def cmd_show(args: argparse.Namespace, store: Store, out: Output) -> int:
     vm = store.get_vm(args.vm)
     devices = store.devices(args.vm)
-    view = _with_monitor(args.qmp, lambda mon: mon.pci()) if args.qmp else None
+    view = _with_monitor(args, lambda mon: mon.pci()) if args.qmp else None
     buses = slot_states(vm, devices, view)
     data = {
         "vm": vm.name,
@@ -269,7 +283,7 @@ def cmd_host_sync(args: argparse.Namespace, store: Store, out: Output) -> int:
     if args.device_spec:
         spec = _read_json_file(args.device_spec, "device spec")
     elif spec_file.exists():
-        spec = json.loads(spec_file.read_text())
+        spec = _read_json_file(str(spec_file), "stored device spec")
     else:
         raise UsageError("no device spec yet: give --device-spec FILE (a JSON list of Nova device_spec entries)")
     tracker = _tracker(store, spec)  # validates the spec before anything is read or written
@@ -365,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--state", metavar="DIR", help="state directory (default $KVMSLOTS_STATE_DIR or "
                         f"{DEFAULT_STATE_DIR}; created 0700)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--qmp-timeout", metavar="SECONDS", help="longest wait for QEMU to answer one QMP "
+                        "command (default $KVMSLOTS_QMP_TIMEOUT or 15); a wedged QEMU ends the command with exit 1")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("plan", help="plan a VM's boot devices and print the -device arguments")
@@ -389,7 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("vm")
     p.add_argument("--qmp", required=True, metavar="SOCKET")
     p.add_argument("--uuid", required=True)
-    p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS")
+    p.add_argument("--timeout", default="5", metavar="SECONDS",
+                   help="how long to wait for the guest to eject it (finite, at most a day; default 5)")
     p.set_defaults(func=cmd_detach)
 
     p = sub.add_parser("show", help="draw the slot map and list the devices of a VM")
@@ -469,8 +486,13 @@ def _validate_early(args: argparse.Namespace) -> None:
         validate_vm_name(args.vm)
     if getattr(args, "uuid", None) is not None:
         validate_uuid(args.uuid)
-    if getattr(args, "timeout", None) is not None and not args.timeout >= 0:
-        raise UsageError(f"--timeout must be a number of seconds >= 0, got {args.timeout}")
+    if getattr(args, "timeout", None) is not None:
+        args.timeout = _seconds(args.timeout, "--timeout")
+    args.qmp_timeout = None if args.qmp_timeout is None else _seconds(args.qmp_timeout, "--qmp-timeout", allow_zero=False)
+    args.connect_timeout = _seconds(os.environ.get("KVMSLOTS_CONNECT_TIMEOUT", "30"), "$KVMSLOTS_CONNECT_TIMEOUT",
+                                    allow_zero=False)
+    if args.qmp_timeout is None and os.environ.get("KVMSLOTS_QMP_TIMEOUT"):
+        args.qmp_timeout = _seconds(os.environ["KVMSLOTS_QMP_TIMEOUT"], "$KVMSLOTS_QMP_TIMEOUT", allow_zero=False)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -38,6 +38,8 @@ __all__ = [
     "validate_bus",
     "validate_driver",
     "validate_props",
+    "coerce_props",
+    "is_passthrough_driver",
     "PropValue",
 ]
 
@@ -53,12 +55,38 @@ _DRIVER_RE = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
 _PROP_NAME_RE = re.compile(r"[a-z][A-Za-z0-9_.-]{0,63}")
 #: Properties kvmslots sets itself; a caller giving them would break the id/slot contract.
 RESERVED_PROPS = frozenset({"id", "bus", "addr", "driver", "multifunction"})
-#: Properties that make QEMU open host files or devices: never from a caller.  ``host`` (the
-#: host PCI address of vfio-pci) is set only by kvmslots' passthrough path, from the tracker.
-HOST_ACCESS_PROPS = frozenset({"romfile", "sysfsdev", "host"})
-#: Drivers that hand a host device to the guest: only through the passthrough path.
-PASSTHROUGH_DRIVERS = frozenset({"vfio-pci"})
+#: Properties that make QEMU open host files, devices or descriptors: never from a caller.
+#: ``host`` (the host PCI address of vfio-pci) is set only by kvmslots' passthrough path.
+HOST_ACCESS_PROPS = frozenset({"romfile", "sysfsdev", "host", "vhostdev", "vhostfd", "vhostfds", "fd"})
+#: Option names that make QEMU print help and exit instead of creating the device.
+HELP_WORDS = frozenset({"help", "?"})
+#: Drivers that hand a host device to the guest (the whole vfio family and the legacy
+#: KVM assignment): only through the passthrough path.  See :func:`is_passthrough_driver`.
+PASSTHROUGH_DRIVERS = frozenset({"vfio-pci", "vfio-pci-nohotplug", "pci-assign", "kvm-pci-assign"})
 MAX_DEV_TYPE = 16
+#: Integer property values must fit QEMU's widest integer types (int64 / uint64).
+MIN_PROP_INT = -(1 << 63)
+MAX_PROP_INT = (1 << 64) - 1
+#: Ranges of QEMU's integer property types (``device-list-properties`` names them).
+INT_PROP_RANGES: dict[str, tuple[int, int]] = {
+    "int8": (-(1 << 7), (1 << 7) - 1),
+    "int16": (-(1 << 15), (1 << 15) - 1),
+    "int32": (-(1 << 31), (1 << 31) - 1),
+    "int64": (MIN_PROP_INT, (1 << 63) - 1),
+    "int": (MIN_PROP_INT, (1 << 63) - 1),
+    "uint8": (0, (1 << 8) - 1),
+    "uint16": (0, (1 << 16) - 1),
+    "uint32": (0, (1 << 32) - 1),
+    "uint64": (0, MAX_PROP_INT),
+    "size": (0, MAX_PROP_INT),
+}
+_ASCII_INT_RE = re.compile(r"-?[0-9]+")
+
+
+def is_passthrough_driver(driver: str) -> bool:
+    """Does *driver* hand a host device to the guest?  Matched by family (``vfio-*``), so a
+    variant such as ``vfio-pci-nohotplug`` is never taken for an ordinary device."""
+    return driver in PASSTHROUGH_DRIVERS or driver == "vfio" or driver.startswith("vfio-")
 
 
 def validate_uuid(value: object) -> str:
@@ -121,6 +149,8 @@ def validate_driver(value: object) -> str:
     """A QEMU device model name such as ``virtio-net-pci`` or ``vfio-pci``."""
     if not isinstance(value, str) or not _DRIVER_RE.fullmatch(value):
         raise InvalidDriver(f"QEMU driver must match [a-z][a-z0-9_.-]*, got {value!r}")
+    if value in HELP_WORDS:
+        raise InvalidDriver(f"{value!r} is not a device model: QEMU would print its device list and exit")
     return value
 
 
@@ -142,7 +172,10 @@ def validate_props(props: Mapping[str, object] | None, driver: str | None = None
             raise InvalidProperty(f"Bad device property name {name!r}")
         if name in RESERVED_PROPS:
             raise InvalidProperty(f"Device property {name!r} is set by kvmslots and cannot be given")
-        if name.startswith("x-") or (name in HOST_ACCESS_PROPS and not (name == "host" and driver in PASSTHROUGH_DRIVERS)):
+        if name in HELP_WORDS:
+            raise InvalidProperty(f"Device property {name!r} makes QEMU print help and exit instead of starting")
+        passthrough = driver is not None and is_passthrough_driver(driver)
+        if name.startswith("x-") or (name in HOST_ACCESS_PROPS and not (name == "host" and passthrough)):
             raise InvalidProperty(
                 f"Device property {name!r} gives the guest access to host resources and is not accepted"
                 + ("; use a PassthroughSpec for host PCI devices" if name in ("host", "sysfsdev") else "")
@@ -154,5 +187,32 @@ def validate_props(props: Mapping[str, object] | None, driver: str | None = None
             raise InvalidProperty(
                 f"Device property {name!r} must be a string, integer or boolean, got {type(value).__name__}"
             )
+        elif not isinstance(value, bool) and not MIN_PROP_INT <= value <= MAX_PROP_INT:
+            raise InvalidProperty(
+                f"Device property {name!r} is out of QEMU's integer range ({MIN_PROP_INT} to {MAX_PROP_INT})"
+            )
         clean[name] = value
     return clean
+
+
+def coerce_props(props: Mapping[str, PropValue], types: Mapping[str, str]) -> dict[str, PropValue]:
+    """Turn text values into integers where QEMU says the property is an integer.
+
+    *types* maps property names to QEMU's type names (``device-list-properties``).
+    Only ASCII decimal digits (with an optional minus sign) count as a number,
+    checked against the type's range; every other value, and every value of a
+    property that is not an integer, stays exactly the text it was: ``serial=007``
+    is sent as ``"007"``.  Without this, QEMU would read ``"010"`` as octal 8.
+    """
+    out: dict[str, PropValue] = {}
+    for name, value in props.items():
+        kind = types.get(name)
+        if isinstance(value, str) and kind in INT_PROP_RANGES and _ASCII_INT_RE.fullmatch(value):
+            low, high = INT_PROP_RANGES[kind]
+            number = int(value, 10) if len(value) <= 21 else None  # never int() a 5000-digit text
+            if number is None or not low <= number <= high:
+                raise InvalidProperty(f"Device property {name!r} ({kind}) must be {low} to {high}, got {value}")
+            out[name] = number
+        else:
+            out[name] = value
+    return out

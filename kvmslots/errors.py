@@ -24,6 +24,7 @@ __all__ = [
     "InvalidBus",
     "InvalidDriver",
     "InvalidProperty",
+    "InvalidTimeout",
     "SlotError",
     "SlotsExhausted",
     "SlotOccupied",
@@ -35,9 +36,11 @@ __all__ = [
     "StateConflict",
     "StateImportError",
     "VMBusy",
+    "StateCorrupt",
     "MonitorError",
     "MonitorUnavailable",
     "MonitorConnectionLost",
+    "MonitorTimeout",
     "QemuCommandError",
     "HotplugError",
     "DeviceAddFailed",
@@ -108,6 +111,10 @@ class InvalidProperty(ValidationError):
     """An extra QEMU device property has a bad name or value."""
 
 
+class InvalidTimeout(ValidationError):
+    """A timeout is not a finite number of seconds within the accepted range."""
+
+
 # --- slots -----------------------------------------------------------------
 
 class SlotError(KvmSlotsError):
@@ -171,6 +178,19 @@ class VMBusy(StateError):
     """Another operation holds the VM's lock for longer than we were willing to wait."""
 
 
+class StateCorrupt(StateError):
+    """The state file exists but is empty, truncated or not a kvmslots database.
+
+    Never taken for a new store: that would silently forget every slot
+    assignment.  ``path`` is the file; restore it from a backup, or move it
+    away to start from nothing on purpose.
+    """
+
+    def __init__(self, message: str, path: str) -> None:
+        self.path = path
+        super().__init__(message)
+
+
 class StateImportError(StateError, ValidationError):
     """An exported runtime document is corrupted, foreign or of another version."""
 
@@ -186,7 +206,39 @@ class MonitorUnavailable(MonitorError):
 
 
 class MonitorConnectionLost(MonitorError):
-    """The QMP connection dropped in the middle of an operation."""
+    """The QMP connection dropped in the middle of an operation.
+
+    Whatever was sent last may or may not have reached QEMU: records are left
+    for :func:`~kvmslots.hotplug.reconcile`.  ``address`` is the socket and
+    ``command`` the QMP command (or wait) that was under way, when known.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        address: str | None = None,
+        command: str | None = None,
+        vm: str | None = None,
+        device_id: str | None = None,
+    ) -> None:
+        self.address = address
+        self.command = command
+        self.vm = vm
+        self.device_id = device_id
+        super().__init__(message)
+
+
+class MonitorTimeout(MonitorConnectionLost):
+    """QEMU did not answer a command within ``timeout`` seconds (a wedged or stopped QEMU).
+
+    kvmslots closes the connection after a timeout (a late answer would be out
+    of step with the next command), so this is a lost connection too.
+    """
+
+    def __init__(self, message: str, *, address: str, command: str, timeout: float) -> None:
+        self.timeout = timeout
+        super().__init__(message, address=address, command=command)
 
 
 class QemuCommandError(MonitorError):

@@ -19,10 +19,10 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Sequence
 
-from .devid import PASSTHROUGH_DRIVERS, validate_uuid
+from .devid import coerce_props, is_passthrough_driver, validate_uuid
 from .errors import (
     InvalidDriver,
     InvalidPciRequest,
@@ -31,6 +31,7 @@ from .errors import (
     HotplugError,
     MonitorConnectionLost,
     MonitorError,
+    MonitorTimeout,
     QemuCommandError,
     SlotOccupied,
     StateConflict,
@@ -38,7 +39,7 @@ from .errors import (
     VerificationFailed,
 )
 from .model import Device, DeviceSpec, DeviceState, VMSpec
-from .monitor import Monitor, MonitorLike
+from .monitor import ALREADY_UNPLUGGING, Monitor, MonitorLike, validate_timeout
 from .passthrough import HostDevices, PassthroughSpec, holds_host_device, is_passthrough
 from .pciview import PciFunction, PciOccupancy
 from .slots import SlotMap
@@ -139,7 +140,7 @@ def _require_host(vm: str, devices: Iterable[Device], host: HostDevices | None, 
 
 def _refuse_raw_passthrough(spec: DeviceSpec | PassthroughSpec) -> None:
     """A host device reaches a guest only through the tracker (PassthroughSpec), never directly."""
-    if isinstance(spec, DeviceSpec) and spec.driver in PASSTHROUGH_DRIVERS:
+    if isinstance(spec, DeviceSpec) and is_passthrough_driver(spec.driver):
         raise InvalidDriver(
             f"Driver {spec.driver!r} passes a host device through: use PassthroughSpec so the tracker claims it"
         )
@@ -249,9 +250,10 @@ async def hot_add(
     _refuse_raw_passthrough(spec)
     if isinstance(spec, PassthroughSpec) and host is None:
         raise InvalidPciRequest(f"Passthrough device {spec.uuid} needs host=HostDevices(tracker)")
+    undo_timeout = validate_timeout(undo_timeout, "undo_timeout")
     async with store.vm_lock(vm):
         if not isinstance(spec, PassthroughSpec):
-            return await _hot_add(store, monitor, vm, spec, undo_timeout)
+            return await _hot_add(store, monitor, vm, await _typed(monitor, spec), undo_timeout)
         assert host is not None
         store.get_vm(vm)
         existing = _find(store, vm, spec.uuid)
@@ -259,7 +261,8 @@ async def hot_add(
             raise DeviceExists(f"VM {vm!r} already has device {spec.uuid} as {existing.qemu_id} ({existing.state})")
         hostdev = host.claim(vm, spec)
         try:
-            device = await _hot_add(store, monitor, vm, spec.guest_spec(hostdev.address), undo_timeout)
+            guest = await _typed(monitor, spec.guest_spec(hostdev.address))
+            device = await _hot_add(store, monitor, vm, guest, undo_timeout)
         except BaseException:
             left = _find(store, vm, spec.uuid)
             if left is None or not holds_host_device(left, hostdev.address):
@@ -269,6 +272,25 @@ async def hot_add(
             raise
         host.allocate(vm, hostdev.address)
         return device
+
+
+async def _typed(monitor: MonitorLike, spec: DeviceSpec) -> DeviceSpec:
+    """*spec* with text values of integer properties turned into integers, as QEMU types them.
+
+    Only asked of QEMU (``device-list-properties``, once per model and
+    connection) when some value is all ASCII digits; everything else stays the
+    text it was given as.  A model QEMU does not know is left to ``device_add``
+    to refuse, with QEMU's own message.
+    """
+    lookup = getattr(monitor, "property_types", None)
+    if lookup is None or not any(isinstance(v, str) and v.lstrip("-").isascii() and v.lstrip("-").isdigit()
+                                 for v in spec.props.values()):
+        return spec
+    try:
+        types = await lookup(spec.driver)
+    except QemuCommandError:
+        return spec
+    return replace(spec, props=coerce_props(spec.props, types))
 
 
 async def _hot_add(store: Store, monitor: MonitorLike, vm: str, spec: DeviceSpec, undo_timeout: float) -> Device:
@@ -454,7 +476,7 @@ def _describe_live(functions: list[PciFunction]) -> str:
 
 
 def _find(store: Store, vm: str, uuid: str) -> Device | None:
-    with store.transaction() as txn:
+    with store.reading() as txn:
         return txn.find_device(vm, uuid)
 
 
@@ -497,7 +519,7 @@ async def _undo_added(
         _forget(store, vm, device)
         return failure
     with store.transaction() as txn:
-        txn.set_state(vm, device.uuid, DeviceState.DETACHING)
+        txn.set_state(vm, device.uuid, DeviceState.DETACHING, unplug_requested=True)
     return with_note(
         f"its removal is not confirmed yet, so slot {device.slot} stays reserved until DEVICE_DELETED arrives "
         "(hot_del, watch_unplugs or reconcile finishes it)"
@@ -517,7 +539,8 @@ async def _undo_unknown(
     try:
         view = await monitor.pci()
     except MonitorError:
-        reconnect = getattr(monitor, "reconnect", None)
+        # After silence (MonitorTimeout) QEMU is wedged: asking again would only wait again.
+        reconnect = None if isinstance(cause, MonitorTimeout) else getattr(monitor, "reconnect", None)
         if reconnect is not None:
             try:
                 await reconnect()
@@ -585,6 +608,7 @@ async def hot_del(
     freed (and given back to the host) only once the removal is confirmed.
     """
     uuid = validate_uuid(device_uuid)
+    timeout = validate_timeout(timeout)
     async with store.vm_lock(vm):
         found = _find(store, vm, uuid) if host is None else None
         if found is not None and is_passthrough(found):
@@ -604,8 +628,22 @@ async def _hot_del(store: Store, monitor: MonitorLike, vm: str, uuid: str, timeo
         txn.set_state(vm, uuid, DeviceState.DETACHING)
     previous = device.state
     device = device.with_state(DeviceState.DETACHING)
+
+    def requested(_already: bool) -> None:  # QEMU has the device_del: a crash from here on is "pending"
+        with store.transaction() as txn:
+            txn.set_state(vm, uuid, DeviceState.DETACHING, unplug_requested=True)
+
     try:
-        deleted = await monitor.device_del(device.qemu_id, timeout)
+        deleted = await monitor.device_del(device.qemu_id, timeout, requested)
+    except MonitorConnectionLost as exc:
+        raise MonitorConnectionLost(
+            f"{exc}; {device.qemu_id} stays 'detaching' with slot {device.slot} taken until reconcile() "
+            "sees what QEMU did",
+            address=exc.address,
+            command=exc.command,
+            vm=vm,
+            device_id=device.qemu_id,
+        ) from exc
     except QemuCommandError as exc:
         if exc.error_class == "DeviceNotFound" and not (await monitor.pci()).has(device.qemu_id):
             deleted = True  # QEMU does not have it (already ejected, or never booted with it)
@@ -674,7 +712,9 @@ class ReconcileReport:
     attached: list[str] = field(default_factory=list)  # attaching/planned and present -> attached
     released: list[str] = field(default_factory=list)  # attaching or detaching and gone -> slot freed
     lost: list[str] = field(default_factory=list)  # attached but gone -> slot freed (someone removed it)
-    pending: list[str] = field(default_factory=list)  # detaching and still present
+    pending: list[str] = field(default_factory=list)  # detaching, still present, QEMU has the unplug request
+    resent: list[str] = field(default_factory=list)  # detaching but device_del never reached QEMU: sent now
+    restored: list[str] = field(default_factory=list)  # detaching, QEMU refuses the unplug: back to attached
     not_running: list[str] = field(default_factory=list)  # planned and absent (VM not booted with it yet)
     misplaced: list[str] = field(default_factory=list)  # present at another bus/slot than recorded
     unverified: list[str] = field(default_factory=list)  # QEMU has it but shows it on no bus right now
@@ -683,7 +723,7 @@ class ReconcileReport:
 
     @property
     def changed(self) -> bool:
-        return bool(self.attached or self.released or self.lost)
+        return bool(self.attached or self.released or self.lost or self.resent or self.restored)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -692,6 +732,8 @@ class ReconcileReport:
             "released": self.released,
             "lost": self.lost,
             "pending": self.pending,
+            "resent": self.resent,
+            "restored": self.restored,
             "not_running": self.not_running,
             "misplaced": self.misplaced,
             "unverified": self.unverified,
@@ -701,23 +743,47 @@ class ReconcileReport:
 
 
 async def reconcile(
-    store: Store, monitor: MonitorLike, vm: str, *, host: HostDevices | None = None
+    store: Store,
+    monitor: MonitorLike,
+    vm: str,
+    *,
+    host: HostDevices | None = None,
+    unplug_wait: float = 0.0,
 ) -> ReconcileReport:
     """Compare our records with QEMU's live view and repair what a crash or a lost event left.
 
-    attaching/planned and present -> attached; attaching and absent -> released;
-    detaching and gone -> released; attached and gone -> released and reported
-    as lost; live devices we do not know are reported (hot_add treats their
-    slots as taken anyway).  It holds the VM's lock, so an operation still
-    under way in another process is never mistaken for one a crash left behind.
-    With *host*, passthrough devices follow: released ones free their host
-    device, newly attached ones turn their host claim into an allocation.
+    ===========================  ===========================  ====================================
+    record                       QEMU                         action (report list)
+    ===========================  ===========================  ====================================
+    planned / attaching          present at its slot          -> attached (``attached``)
+    planned                      absent                       none (``not_running``)
+    attaching                    absent                       slot freed (``released``)
+    attached                     absent                       slot freed (``lost``)
+    detaching                    absent                       slot freed (``released``)
+    detaching, unplug requested  present                      none, the guest decides (``pending``)
+    detaching, never sent        present                      ``device_del`` sent now (``resent``)
+    detaching, never sent        present, unplug refused      -> attached (``restored``)
+    any                          present elsewhere            none (``misplaced``)
+    any                          on no bus (unnumbered)       none (``unverified``)
+    ===========================  ===========================  ====================================
+
+    "Never sent" is a detach that died between recording ``detaching`` and
+    QEMU taking its ``device_del``: the user asked for the removal, so it is
+    finished (and confirmed if the guest ejects within *unplug_wait* seconds).
+    Live devices we do not know are reported (``unknown``; hot_add treats
+    their slots as taken anyway).  It holds the VM's lock, so an operation
+    still under way in another process is never mistaken for one a crash left
+    behind.  With *host*, passthrough devices follow: released ones free their
+    host device, newly attached ones turn their host claim into an allocation.
     """
+    unplug_wait = validate_timeout(unplug_wait, "unplug_wait")
     async with store.vm_lock(vm):
         before = {d.qemu_id: d for d in store.devices(vm)}
         _require_host(vm, before.values(), host, "reconcile")
         view = await monitor.pci()
-        report = _reconcile_view(store, vm, view)
+        report, unsent = _reconcile_view(store, vm, view)
+        for device in unsent:
+            await _resend_unplug(store, monitor, vm, device, unplug_wait, report)
         if host is not None:
             for qid in report.released + report.lost:
                 host.release_guest_device(vm, before[qid])
@@ -730,24 +796,66 @@ async def reconcile(
         return report
 
 
-def _reconcile_view(store: Store, vm: str, view: PciOccupancy) -> ReconcileReport:
+def _reconcile_view(store: Store, vm: str, view: PciOccupancy) -> tuple[ReconcileReport, list[Device]]:
+    """The table of :func:`reconcile`, in one transaction; returns the detaching devices whose
+    unplug never reached QEMU (they need QEMU again, outside the transaction)."""
     report = ReconcileReport(vm)
+    unsent: list[Device] = []
     with store.transaction() as txn:
         vm_spec = txn.get_vm(vm)
         devices = txn.devices(vm)
+        requested = txn.unplug_requested(vm)
         for device in devices:
-            _reconcile_device(txn, vm, device, view, report)
+            if _reconcile_device(txn, vm, device, view, report) and device.uuid not in requested:
+                report.pending.remove(device.qemu_id)  # decided by _resend_unplug
+                unsent.append(device)
         report.unknown = _unknown_devices(vm_spec, devices, view)
-    return report
+    return report, unsent
 
 
-def _reconcile_device(txn: Transaction, vm: str, device: Device, view: PciOccupancy, report: ReconcileReport) -> None:
+async def _resend_unplug(
+    store: Store, monitor: MonitorLike, vm: str, device: Device, wait: float, report: ReconcileReport
+) -> None:
+    """Finish a detach whose ``device_del`` never reached QEMU (the process died first)."""
+    already = False
+
+    def requested(pending: bool) -> None:
+        nonlocal already
+        already = pending
+        with store.transaction() as txn:
+            txn.set_state(vm, device.uuid, DeviceState.DETACHING, unplug_requested=True)
+
+    try:
+        deleted = await monitor.device_del(device.qemu_id, wait, requested)
+    except QemuCommandError as exc:
+        if exc.error_class == "DeviceNotFound":
+            deleted = True
+        else:  # QEMU will not unplug it (e.g. the bus has no hotplug): it stays, and is ours
+            log.warning("device_del of %s refused during reconcile: %s", device.qemu_id, exc.qemu_message)
+            _restore(store, vm, device.uuid, DeviceState.ATTACHED)
+            report.restored.append(device.qemu_id)
+            return
+    except UnplugGuestError:
+        _restore(store, vm, device.uuid, DeviceState.ATTACHED)
+        report.restored.append(device.qemu_id)
+        return
+    if deleted:
+        _forget(store, vm, device.with_state(DeviceState.DETACHING))
+        report.released.append(device.qemu_id)
+    else:
+        (report.pending if already else report.resent).append(device.qemu_id)
+
+
+def _reconcile_device(
+    txn: Transaction, vm: str, device: Device, view: PciOccupancy, report: ReconcileReport
+) -> bool:
+    """Apply one row of the table; True when the device is detaching and QEMU still has it."""
     live = view.find(device.qemu_id)
     if live is None and view.has(device.qemu_id):
         # QEMU has the device but shows it on no bus (a bridge the firmware has not numbered
         # yet, a paused or reset VM): nothing can be concluded, nothing is changed.
         report.unverified.append(device.qemu_id)
-        return
+        return False
     if live is not None:
         try:
             expected_bus = view.bus_number(device.bus)
@@ -755,7 +863,7 @@ def _reconcile_device(txn: Transaction, vm: str, device: Device, view: PciOccupa
             expected_bus = None
         if (live.bus, live.slot) != (expected_bus, device.slot):
             report.misplaced.append(device.qemu_id)
-            return
+            return False
     state, qid = device.state, device.qemu_id
     if live is not None:
         if state in (DeviceState.PLANNED, DeviceState.ATTACHING):
@@ -763,11 +871,13 @@ def _reconcile_device(txn: Transaction, vm: str, device: Device, view: PciOccupa
             report.attached.append(qid)
         elif state is DeviceState.DETACHING:
             report.pending.append(qid)
+            return True
     elif state is DeviceState.PLANNED:
         report.not_running.append(qid)
     else:
         txn.remove_device(vm, device.uuid)
         (report.lost if state is DeviceState.ATTACHED else report.released).append(qid)
+    return False
 
 
 def _unknown_devices(vm: VMSpec, devices: Sequence[Device], view: PciOccupancy) -> list[dict[str, Any]]:

@@ -10,6 +10,14 @@ qemu.qmp's errors are translated into kvmslots' own: a command QEMU refuses
 becomes :class:`~kvmslots.errors.QemuCommandError` carrying QEMU's message
 and error class, a dropped connection becomes
 :class:`~kvmslots.errors.MonitorConnectionLost`.
+
+Every wait is bounded.  A command QEMU does not answer within
+``command_timeout`` (a wedged QEMU, or one stopped under a debugger) ends in
+:class:`~kvmslots.errors.MonitorTimeout` and the connection is closed, so the
+caller's VM lock is released and its records are left for ``reconcile``.  A
+wait for an event ends at once, with ``MonitorConnectionLost``, when the
+connection closes (QEMU killed): a dead VM is never reported as a guest that
+is merely slow to eject.
 """
 
 from __future__ import annotations
@@ -17,22 +25,67 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Protocol
+from typing import Any, Callable, Iterator, Mapping, Protocol
 
 import tenacity
-from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, ExecuteError, Message, QMPClient, QMPError
+from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, ExecuteError, Message, QMPClient, QMPError, Runstate
 
-from .errors import MonitorConnectionLost, MonitorUnavailable, QemuCommandError, UnplugGuestError
+from .errors import (
+    InvalidTimeout,
+    MonitorConnectionLost,
+    MonitorTimeout,
+    MonitorUnavailable,
+    QemuCommandError,
+    UnplugGuestError,
+)
 from .pciview import PciOccupancy, parse_info_pci, parse_query_pci
 
-__all__ = ["Monitor", "MonitorLike", "DeletedEvents", "ALREADY_UNPLUGGING"]
+__all__ = [
+    "Monitor",
+    "MonitorLike",
+    "DeletedEvents",
+    "ALREADY_UNPLUGGING",
+    "DEFAULT_COMMAND_TIMEOUT",
+    "MAX_WAIT",
+    "validate_timeout",
+]
 
 log = logging.getLogger(__name__)
 
 #: QEMU's answer to a second ``device_del`` while one is pending.
 ALREADY_UNPLUGGING = "already in the process of unplug"
+#: Seconds QEMU has to answer one QMP command (``$KVMSLOTS_QMP_TIMEOUT`` overrides it).  QEMU
+#: answers query-pci and device_add in milliseconds; a silence this long means it is wedged.
+DEFAULT_COMMAND_TIMEOUT = 15.0
+#: The longest wait kvmslots accepts for anything (a day): "forever" is never a timeout.
+MAX_WAIT = 86400.0
+#: Closing a connection to a wedged QEMU must not become a wait of its own.
+_CLOSE_TIMEOUT = 2.0
+
+
+def validate_timeout(value: object, what: str = "timeout", *, allow_zero: bool = True) -> float:
+    """A finite number of seconds in [0, MAX_WAIT] (``inf``, ``nan``, bools and text are refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidTimeout(f"{what} must be a number of seconds, got {value!r}")
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds < 0 or seconds > MAX_WAIT or (seconds == 0 and not allow_zero):
+        low = "0" if allow_zero else "more than 0"
+        raise InvalidTimeout(f"{what} must be {low} to {MAX_WAIT:g} seconds, got {value!r}")
+    return seconds
+
+
+def _default_command_timeout() -> float:
+    text = os.environ.get("KVMSLOTS_QMP_TIMEOUT")
+    if not text:
+        return DEFAULT_COMMAND_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        raise InvalidTimeout(f"$KVMSLOTS_QMP_TIMEOUT must be a number of seconds, got {text!r}") from None
+    return validate_timeout(value, "$KVMSLOTS_QMP_TIMEOUT", allow_zero=False)
 
 
 class MonitorLike(Protocol):
@@ -42,7 +95,9 @@ class MonitorLike(Protocol):
 
     async def device_add(self, arguments: Mapping[str, Any]) -> None: ...
 
-    async def device_del(self, qdev_id: str, timeout: float) -> bool: ...
+    async def device_del(
+        self, qdev_id: str, timeout: float, on_sent: Callable[[bool], None] | None = None
+    ) -> bool: ...
 
 
 class Monitor:
@@ -52,11 +107,23 @@ class Monitor:
     serves one client at a time, so hold the connection only as long as needed.
     """
 
-    def __init__(self, address: str | os.PathLike[str], *, connect_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        address: str | os.PathLike[str],
+        *,
+        connect_timeout: float = 30.0,
+        command_timeout: float | None = None,
+    ) -> None:
         self.address = str(Path(address))
-        self.connect_timeout = connect_timeout
+        self.connect_timeout = validate_timeout(connect_timeout, "connect_timeout", allow_zero=False)
+        self.command_timeout = (
+            _default_command_timeout()
+            if command_timeout is None
+            else validate_timeout(command_timeout, "command_timeout", allow_zero=False)
+        )
         self._qmp = QMPClient("kvmslots")
         self._has_query_pci: bool | None = None
+        self._property_types: dict[str, dict[str, str]] = {}
 
     async def __aenter__(self) -> "Monitor":
         await self.connect()
@@ -105,20 +172,68 @@ class Monitor:
         await self.connect()
 
     async def close(self) -> None:
-        """Disconnect; a connection that already died is not an error here."""
+        """Disconnect; a connection that already died is not an error here, nor one that hangs."""
         try:
-            await self._qmp.disconnect()
-        except (EOFError, OSError, QMPError) as exc:
+            await asyncio.wait_for(self._qmp.disconnect(), _CLOSE_TIMEOUT)
+        except (EOFError, OSError, QMPError, asyncio.TimeoutError) as exc:
             log.debug("QMP disconnect from %s: %r", self.address, exc)
+            if self._qmp.runstate is not Runstate.IDLE:
+                self._qmp = QMPClient("kvmslots")  # a client stuck half-closed is not reusable
+
+    @property
+    def connected(self) -> bool:
+        return self._qmp.runstate is Runstate.RUNNING
+
+    def _lost(self, during: str, cause: object = None) -> MonitorConnectionLost:
+        detail = f": {cause!r}" if cause is not None else ""
+        return MonitorConnectionLost(
+            f"QMP connection to {self.address} lost during {during}{detail}", address=self.address, command=during
+        )
 
     async def execute(self, command: str, arguments: Mapping[str, Any] | None = None) -> Any:
-        """Run one QMP command; QEMU's refusal and a lost connection become typed errors."""
+        """Run one QMP command within ``command_timeout``; QEMU's refusal, a lost connection
+        and silence become typed errors (after silence, the connection is closed)."""
+        if not self.connected:
+            raise self._lost(command, "not connected")
         try:
-            return await self._qmp.execute(command, dict(arguments) if arguments else None)
+            return await asyncio.wait_for(
+                self._qmp.execute(command, dict(arguments) if arguments else None), self.command_timeout
+            )
         except ExecuteError as exc:
             raise QemuCommandError(command, str(exc), exc.error_class) from None
+        except asyncio.TimeoutError:
+            await self.close()
+            raise MonitorTimeout(
+                f"QEMU did not answer {command} within {self.command_timeout:g}s at {self.address} "
+                "(wedged or stopped?); the connection was closed",
+                address=self.address,
+                command=command,
+                timeout=self.command_timeout,
+            ) from None
         except (ExecInterruptedError, EOFError, ConnectionError, QMPError) as exc:
-            raise MonitorConnectionLost(f"QMP connection to {self.address} lost during {command}: {exc!r}") from exc
+            raise self._lost(command, exc) from exc
+
+    async def _until_disconnected(self) -> None:
+        while self._qmp.runstate is Runstate.RUNNING:
+            await self._qmp.runstate_changed()
+
+    async def _next_event(self, listener: EventListener, timeout: float | None, waiting_for: str) -> Message | None:
+        """The listener's next event; None after *timeout*; :class:`MonitorConnectionLost` as soon
+        as the connection closes (QEMU died), instead of waiting out the timeout."""
+        get = asyncio.ensure_future(listener.get())
+        gone = asyncio.ensure_future(self._until_disconnected())
+        try:
+            done, _ = await asyncio.wait({get, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (get, gone):
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(get, gone, return_exceptions=True)
+        if get in done:
+            return get.result()
+        if gone in done:
+            raise self._lost(waiting_for, "the monitor closed (QEMU exited?)")
+        return None
 
     async def query_pci(self) -> PciOccupancy:
         return parse_query_pci(await self.execute("query-pci"))
@@ -174,14 +289,31 @@ class Monitor:
     async def device_add(self, arguments: Mapping[str, Any]) -> None:
         await self.execute("device_add", arguments)
 
-    async def device_del(self, qdev_id: str, timeout: float) -> bool:
+    async def property_types(self, driver: str) -> dict[str, str]:
+        """``{property: QEMU type}`` of a device model (``device-list-properties``), cached per
+        connection; how text values given by a user are typed before ``device_add``."""
+        if driver not in self._property_types:
+            props = await self.execute("device-list-properties", {"typename": driver})
+            self._property_types[driver] = {
+                str(p["name"]): str(p.get("type", "")) for p in props if isinstance(p, Mapping) and "name" in p
+            }
+        return self._property_types[driver]
+
+    async def device_del(
+        self, qdev_id: str, timeout: float, on_sent: Callable[[bool], None] | None = None
+    ) -> bool:
         """Ask QEMU to unplug *qdev_id* and wait for its ``DEVICE_DELETED``.
 
         Returns True when removal is confirmed, False when *timeout* passed
         first (the guest has not ejected it yet).  A ``device_del`` already
         pending is waited on again.  ``DEVICE_UNPLUG_GUEST_ERROR`` raises
         :class:`UnplugGuestError`; an unknown id raises ``QemuCommandError``
-        with error class ``DeviceNotFound``.
+        with error class ``DeviceNotFound``; a connection that closes during
+        the wait raises :class:`MonitorConnectionLost` at once.
+
+        *on_sent* is called once QEMU has the request, before the wait, with
+        True if it was already pending: the caller records that the unplug was
+        requested, so a crash during the wait is never taken for "never sent".
         """
 
         # virtio devices first emit DEVICE_DELETED for their backend child, with a path and no id.
@@ -189,14 +321,17 @@ class Monitor:
             ("DEVICE_DELETED", "DEVICE_UNPLUG_GUEST_ERROR"), lambda event: _event_device(event) == qdev_id
         )
         with self._qmp.listen(listener):  # registered before the command: the event cannot slip by
+            already = False
             try:
                 await self.execute("device_del", {"id": qdev_id})
             except QemuCommandError as exc:
                 if ALREADY_UNPLUGGING not in exc.qemu_message:
                     raise
-            try:
-                event = await asyncio.wait_for(listener.get(), timeout)
-            except asyncio.TimeoutError:
+                already = True
+            if on_sent is not None:
+                on_sent(already)
+            event = await self._next_event(listener, validate_timeout(timeout), f"the DEVICE_DELETED wait for {qdev_id}")
+            if event is None:
                 return False
         if event["event"] == "DEVICE_UNPLUG_GUEST_ERROR":
             raise UnplugGuestError(qdev_id, f"QEMU reported DEVICE_UNPLUG_GUEST_ERROR {event.get('data')}")
@@ -211,22 +346,21 @@ class Monitor:
         """
         listener = EventListener("DEVICE_DELETED", lambda event: _event_device(event) in qdev_ids)
         with self._qmp.listen(listener):
-            yield DeletedEvents(listener)
+            yield DeletedEvents(self, listener)
 
 
 class DeletedEvents:
     """The ``DEVICE_DELETED`` events of a set of ids, one at a time."""
 
-    def __init__(self, listener: EventListener) -> None:
+    def __init__(self, monitor: Monitor, listener: EventListener) -> None:
+        self._monitor = monitor
         self._listener = listener
 
     async def next(self, timeout: float | None) -> str | None:
-        """The id of the next deleted device, or None when *timeout* passes first."""
-        try:
-            event = await asyncio.wait_for(self._listener.get(), timeout)
-        except asyncio.TimeoutError:
-            return None
-        return str(_event_device(event))
+        """The id of the next deleted device, or None when *timeout* passes first;
+        :class:`MonitorConnectionLost` at once if the connection closes."""
+        event = await self._monitor._next_event(self._listener, timeout, "the DEVICE_DELETED wait")
+        return None if event is None else str(_event_device(event))
 
 
 def _event_device(event: Message) -> str | None:

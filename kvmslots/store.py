@@ -7,8 +7,15 @@ takes SQLite's write lock before reading, so two processes can never both pick
 the same free slot; a ``UNIQUE (vm, bus, slot)`` constraint backs that up.
 
 The state directory is the caller's; it is created 0700 and the database file
-0600.  One VM's state can be exported as a versioned JSON document and
-imported elsewhere (migration: the target boots with identical slots and ids).
+0600, and looser modes found on them are tightened.  A new database is built
+under a temporary name and linked into place only once its schema is
+committed, so the state file either does not exist (a new store) or holds a
+schema: an empty, truncated or foreign file is refused with
+:class:`~kvmslots.errors.StateCorrupt`, never taken for a new store.  Reads run
+in WAL read transactions and never wait for a writer.
+
+One VM's state can be exported as a versioned JSON document and imported
+elsewhere (migration: the target boots with identical slots and ids).
 """
 
 from __future__ import annotations
@@ -16,18 +23,21 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import sqlite3
 import stat
+import tempfile
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterable, Iterator, Mapping, Sequence
 
 import tenacity
 
-from .devid import uuid8, validate_uuid, validate_vm_name
+from .devid import is_passthrough_driver, uuid8, validate_uuid, validate_vm_name
 from .errors import (
     DeviceExists,
     StateConflict,
+    StateCorrupt,
     StateError,
     StateImportError,
     UnknownDevice,
@@ -40,10 +50,13 @@ from .slots import SlotMap
 
 __all__ = ["Store", "Transaction", "EXPORT_FORMAT", "EXPORT_VERSION", "DB_NAME"]
 
+log = logging.getLogger(__name__)
+
 DB_NAME = "kvmslots.sqlite3"
 EXPORT_FORMAT = "kvmslots.vm-state"
 EXPORT_VERSION = 1
-_SCHEMA_VERSION = 1
+#: 1: vms + devices.  2: devices.unplug_requested (QEMU has the device_del of a detaching device).
+_SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS vms (
@@ -62,11 +75,14 @@ CREATE TABLE IF NOT EXISTS devices (
     bus      TEXT NOT NULL,
     slot     INTEGER NOT NULL CHECK (slot BETWEEN 0 AND 31),
     state    TEXT NOT NULL CHECK (state IN ('planned', 'attaching', 'attached', 'detaching')),
+    unplug_requested INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (vm, uuid),
     UNIQUE (vm, bus, slot),
     UNIQUE (vm, uuid8, slot)
 );
 """
+#: Upgrades in place, from the version in the key to the next one.
+_MIGRATIONS = {1: ["ALTER TABLE devices ADD COLUMN unplug_requested INTEGER NOT NULL DEFAULT 0"]}
 
 
 class Transaction:
@@ -163,12 +179,24 @@ class Transaction:
             ),
         )
 
-    def set_state(self, vm: str, uuid: str, state: DeviceState) -> None:
+    def set_state(self, vm: str, uuid: str, state: DeviceState, *, unplug_requested: bool = False) -> None:
+        """Move a device to *state*.  *unplug_requested* records that QEMU has its ``device_del``
+        (only for ``detaching``); any other change clears it."""
+        state = DeviceState(state)
+        requested = bool(unplug_requested) and state is DeviceState.DETACHING
         cur = self._conn.execute(
-            "UPDATE devices SET state = ? WHERE vm = ? AND uuid = ?", (DeviceState(state).value, vm, uuid)
+            "UPDATE devices SET state = ?, unplug_requested = ? WHERE vm = ? AND uuid = ?",
+            (state.value, int(requested), vm, uuid),
         )
         if cur.rowcount != 1:
             raise UnknownDevice(f"VM {vm!r} has no device with UUID {uuid}")
+
+    def unplug_requested(self, vm: str) -> set[str]:
+        """UUIDs of the VM's detaching devices whose ``device_del`` QEMU is known to have."""
+        rows = self._conn.execute(
+            "SELECT uuid FROM devices WHERE vm = ? AND state = 'detaching' AND unplug_requested = 1", (vm,)
+        )
+        return {row[0] for row in rows}
 
     def remove_device(self, vm: str, uuid: str, *, expect: Device | None = None) -> bool:
         """Forget a device and so release its slot; True if a record went.
@@ -209,26 +237,66 @@ class Store:
         self.path = self.state_dir / DB_NAME
         try:
             _private_dir(self.state_dir)
-            # Create the file ourselves so it is 0600 from the first byte on; never through a symlink.
-            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+            if not _existing_file(self.path):
+                _create_database(self.path)
             self._conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
             self._conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
             self._conn.execute("PRAGMA foreign_keys = ON")
-            with contextlib.suppress(sqlite3.OperationalError):  # another process may be switching it now
-                self._conn.execute("PRAGMA journal_mode = WAL")
             # WAL + NORMAL: every committed transaction survives a crash of the process (what the
             # tests check); only a power loss may roll back the last ones, and a power loss also
             # ends every VM they were about.  durable=True fsyncs each commit (about 200 us more).
             self._conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+            version = self._schema_version()
+        except StateError:
+            self._close_quietly()
+            raise
+        except sqlite3.DatabaseError as exc:
+            self._close_quietly()
+            raise StateCorrupt(
+                f"State file {self.path} is not a readable kvmslots database ({exc}); refusing to treat it as a "
+                "new store. Restore it from a backup, or move it away to start from nothing.",
+                str(self.path),
+            ) from exc
         except (OSError, sqlite3.Error) as exc:
+            self._close_quietly()
             raise StateError(f"Cannot open the state store {self.path}: {exc}") from exc
+        if version != _SCHEMA_VERSION:
+            self._upgrade()
+
+    def _close_quietly(self) -> None:
+        conn = getattr(self, "_conn", None)
+        if conn is not None:
+            conn.close()
+
+    def _schema_version(self) -> int:
+        """The schema version of an existing file, read without taking the write lock."""
+        self._conn.execute("BEGIN")
+        try:
+            version = int(self._conn.execute("PRAGMA user_version").fetchone()[0])
+            has_vms = self._conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'vms'"
+            ).fetchone() is not None
+        finally:
+            self._conn.execute("COMMIT")
+        if not has_vms or version < 1:
+            raise StateCorrupt(
+                f"State file {self.path} is not a kvmslots state (no schema, version {version}); refusing to "
+                "treat it as a new store. Restore it from a backup, or move it away to start from nothing.",
+                str(self.path),
+            )
+        if version > _SCHEMA_VERSION:
+            raise StateError(f"{self.path} has schema version {version}; this kvmslots knows up to {_SCHEMA_VERSION}")
+        return version
+
+    def _upgrade(self) -> None:
+        """Bring an older schema up to date in place, in one write transaction."""
         with self.transaction() as txn:
-            version = txn.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, _SCHEMA_VERSION):
-                raise StateError(f"{self.path} has schema version {version}; this kvmslots knows {_SCHEMA_VERSION}")
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
+            version = int(txn.execute("PRAGMA user_version").fetchone()[0])  # another process may have done it
+            while version < _SCHEMA_VERSION:
+                for statement in _MIGRATIONS[version]:
                     txn.execute(statement)
+                version += 1
+                log.info("State store %s upgraded to schema version %d", self.path, version)
             txn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
 
     def close(self) -> None:
@@ -262,30 +330,71 @@ class Store:
         except sqlite3.Error as exc:
             raise StateError(f"State store {self.path}: {exc}") from exc
 
-    def _lock_fd(self, vm: str) -> int:
-        lock_dir = self.state_dir / "locks"
-        path = lock_dir / f"{validate_vm_name(vm)}.lock"
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[Transaction]:
+        """A read transaction: one consistent snapshot that never waits for a writer (WAL).
+
+        For looking only (``show``, ``export``): writing through it is an error.
+        """
         try:
-            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-        except FileNotFoundError:  # first lock in this state dir
-            lock_dir.mkdir(mode=0o700, exist_ok=True)
-            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            self._conn.execute("BEGIN")
+            try:
+                yield Transaction(self._conn)
+            finally:
+                self._conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise StateError(f"State store {self.path}: {exc}") from exc
+
+    def _lock_path(self, vm: str) -> Path:
+        return self.state_dir / "locks" / f"{validate_vm_name(vm)}.lock"
+
+    def _try_lock(self, vm: str) -> int:
+        """One attempt at the VM's lock: the descriptor holding it, or BlockingIOError if taken.
+
+        The file is removed when the lock is released, so a holder may unlink
+        it while we wait on it: a lock taken on a file that is no longer at
+        the path is dropped and taken again on the current one.
+        """
+        path = self._lock_path(vm)
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            except FileNotFoundError:  # first lock in this state dir
+                path.parent.mkdir(mode=0o700, exist_ok=True)
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                current = os.stat(path, follow_symlinks=False)
+            except FileNotFoundError:
+                current = None
+            mine = os.fstat(fd)
+            if current is not None and (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
+                return fd
+            os.close(fd)
+
+    def _unlock(self, vm: str, fd: int) -> None:
+        """Remove the lock file while still holding it (no file is left behind), then release."""
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._lock_path(vm))
+        finally:
+            os.close(fd)
 
     @contextlib.contextmanager
     def vm_lock_sync(self, vm: str, timeout: float = 60.0) -> Iterator[None]:
         """:meth:`vm_lock` for synchronous callers (define, delete and import of a VM)."""
-        fd = self._lock_fd(vm)
         try:
-            if _try_flock(fd):
-                yield
-                return
-            try:
-                tenacity.Retrying(**_lock_wait(timeout))(fcntl.flock, fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise _busy(vm, timeout) from None
+            fd = tenacity.Retrying(**_lock_wait(timeout))(self._try_lock, vm)
+        except BlockingIOError:
+            raise _busy(vm, timeout) from None
+        try:
             yield
         finally:
-            os.close(fd)
+            self._unlock(vm, fd)
 
     @contextlib.asynccontextmanager
     async def vm_lock(self, vm: str, timeout: float = 60.0) -> AsyncIterator[None]:
@@ -295,22 +404,23 @@ class Store:
         operations apart, so that :func:`~kvmslots.hotplug.reconcile` never
         mistakes a hot add that is still under way in another process for
         one a crash left behind.  The kernel drops the lock when its holder
-        dies, so a crashed process never leaves the VM locked.
+        dies, so a crashed process never leaves the VM locked; a process that
+        ends normally, successful or not, leaves no lock file behind.
         """
-        fd = self._lock_fd(vm)
         try:
-            if _try_flock(fd):  # uncontended: no retry machinery
-                yield
-                return
+            fd = self._try_lock(vm)
+        except BlockingIOError:  # contended: wait with backoff
             try:
+                fd = -1
                 async for attempt in tenacity.AsyncRetrying(**_lock_wait(timeout)):
                     with attempt:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        fd = self._try_lock(vm)
             except BlockingIOError:
                 raise _busy(vm, timeout) from None
+        try:
             yield
         finally:
-            os.close(fd)  # closing the descriptor releases the lock
+            self._unlock(vm, fd)
 
     # -- conveniences (each its own transaction) -------------------------------
     def define_vm(self, vm: VMSpec) -> VMSpec:
@@ -326,15 +436,16 @@ class Store:
         return vm
 
     def get_vm(self, name: str) -> VMSpec:
-        with self.transaction() as txn:
+        with self.reading() as txn:
             return txn.get_vm(name)
 
     def has_vm(self, name: str) -> bool:
-        with self.transaction() as txn:
+        with self.reading() as txn:
             return txn.find_vm(name) is not None
 
     def vms(self) -> list[str]:
-        return [row[0] for row in self._conn.execute("SELECT name FROM vms ORDER BY name")]
+        with self.reading() as txn:
+            return [row[0] for row in txn.execute("SELECT name FROM vms ORDER BY name")]
 
     def delete_vm(self, name: str) -> None:
         with self.vm_lock_sync(name), self.transaction() as txn:
@@ -342,18 +453,18 @@ class Store:
             txn.delete_vm(name)
 
     def devices(self, vm: str) -> list[Device]:
-        with self.transaction() as txn:
+        with self.reading() as txn:
             txn.get_vm(vm)
             return txn.devices(vm)
 
     def get_device(self, vm: str, uuid: str) -> Device:
-        with self.transaction() as txn:
+        with self.reading() as txn:
             return txn.get_device(vm, uuid)
 
     # -- export / import ------------------------------------------------------
     def export_vm(self, name: str) -> dict[str, Any]:
         """One VM's state as a versioned JSON-ready document."""
-        with self.transaction() as txn:
+        with self.reading() as txn:
             vm = txn.get_vm(name)
             devices = txn.devices(name)
         return {
@@ -392,7 +503,8 @@ def parse_export(document: Mapping[str, Any] | str | bytes) -> tuple[VMSpec, lis
         raise StateImportError("Runtime document must be a JSON object")
     if document.get("format") != EXPORT_FORMAT:
         raise StateImportError(f"Not a kvmslots runtime document (format {document.get('format')!r})")
-    if document.get("version") != EXPORT_VERSION:
+    version = document.get("version")
+    if type(version) is not int or version != EXPORT_VERSION:  # neither true nor 1.0 is version 1
         raise StateImportError(
             f"Runtime document version {document.get('version')!r} is not supported (expected {EXPORT_VERSION})"
         )
@@ -426,6 +538,12 @@ def parse_export(document: Mapping[str, Any] | str | bytes) -> tuple[VMSpec, lis
             raise StateImportError(f"Bad device in {where}: {exc}") from None
         if spec.slot is None:
             raise StateImportError(f"{where} has no slot")
+        if is_passthrough_driver(spec.driver):
+            raise StateImportError(
+                f"{where}: {spec.driver} passes host device {spec.props.get('host', '?')} through; passthrough "
+                "devices are not imported (the host device belongs to its host's tracker): plug a matching "
+                "host device through the tracker after the import"
+            )
         device = Device.from_spec(spec, spec.slot, state)
         if raw["id"] != device.qemu_id:
             raise StateImportError(f"{where}: id {raw['id']!r} does not match its type, UUID and slot ({device.qemu_id})")
@@ -460,16 +578,9 @@ def _busy(vm: str, timeout: float) -> VMBusy:
     return VMBusy(f"VM {vm!r} is locked by another operation for more than {timeout:g}s")
 
 
-def _try_flock(fd: int) -> bool:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    return True
-
-
 def _private_dir(path: Path) -> None:
-    """Create the state dir 0700; an existing one must be a directory of ours (not a symlink)."""
+    """Create the state dir 0700; an existing one must be a directory of ours (not a symlink),
+    and a looser mode on it (or on its lock directory) is tightened to 0700."""
     try:
         path.mkdir(mode=0o700, parents=True)
     except FileExistsError:
@@ -478,6 +589,77 @@ def _private_dir(path: Path) -> None:
             raise StateError(f"State directory {path} exists and is not a directory") from None
         if info.st_uid != os.geteuid():
             raise StateError(f"State directory {path} belongs to uid {info.st_uid}, not to us") from None
+        _tighten(path, info, 0o700)
+        locks = path / "locks"
+        with contextlib.suppress(FileNotFoundError):
+            info = locks.lstat()
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+                raise StateError(f"{locks} is not a directory of ours")
+            _tighten(locks, info, 0o700)
+
+
+def _tighten(path: Path, info: os.stat_result, mode: int) -> None:
+    """Take away what *mode* does not grant (README promises 0700 dirs and 0600 files)."""
+    if stat.S_IMODE(info.st_mode) & ~mode:
+        log.warning("Tightening %s from %o to %o", path, stat.S_IMODE(info.st_mode), mode)
+        os.chmod(path, mode)  # lstat said: not a symlink
+
+
+def _existing_file(path: Path) -> bool:
+    """Is there a state file?  It (and its WAL files) must be a regular file of ours, and is made
+    0600 if it was looser.  Only a missing file means a new store; an empty one is refused."""
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(info.st_mode):
+        raise StateError(f"State file {path} is not a regular file (a symlink or a device?)")
+    if info.st_uid != os.geteuid():
+        raise StateError(f"State file {path} belongs to uid {info.st_uid}, not to us")
+    if info.st_size == 0:
+        raise StateCorrupt(
+            f"State file {path} is empty (truncated?); refusing to treat it as a new store, which would "
+            "forget every slot assignment. Restore it from a backup, or remove it to start from nothing.",
+            str(path),
+        )
+    _tighten(path, info, 0o600)
+    for suffix in ("-wal", "-shm"):
+        side = path.with_name(path.name + suffix)
+        with contextlib.suppress(FileNotFoundError):
+            side_info = side.lstat()
+            if stat.S_ISREG(side_info.st_mode) and side_info.st_uid == os.geteuid():
+                _tighten(side, side_info, 0o600)
+    return True
+
+
+def _create_database(path: Path) -> None:
+    """Build a new database with its schema under a temporary name, then link it into place.
+
+    So the state file is never seen without its schema (an empty file at the
+    path is therefore always damage, never "new").  Two processes creating the
+    store at once: the first link wins and the other opens that file.
+    """
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{DB_NAME}.", suffix=".new", dir=path.parent)  # 0600
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        conn = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)
+    finally:
+        for leftover in (tmp, tmp.with_name(tmp.name + "-wal"), tmp.with_name(tmp.name + "-shm")):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
 
 
 def _expect_keys(obj: Mapping[str, Any], keys: set[str], where: str) -> None:

@@ -30,6 +30,7 @@ class FakeQemu:
     pending: set[str] = field(default_factory=set)
     add_delay: float = 0.0  # seconds device_add takes after QEMU took the device
     refuse_del: str | None = None  # QEMU error text for device_del
+    lose_during_del_wait: bool = False  # QEMU takes device_del, then the connection drops
     hidden: set[str] = field(default_factory=set)  # ids QEMU has but shows on no bus (unnumbered bridge)
     calls: list[str] = field(default_factory=list)
 
@@ -70,13 +71,18 @@ class FakeQemu:
             self.connected = False
             raise MonitorConnectionLost("fake: lost after add")
 
-    async def device_del(self, qdev_id: str, timeout: float) -> bool:
+    async def device_del(self, qdev_id: str, timeout: float, on_sent=None) -> bool:
         self._check()
         self.calls.append(f"device_del {qdev_id}")
         if qdev_id not in self.devices:
             raise QemuCommandError("device_del", f"Device '{qdev_id}' not found", "DeviceNotFound")
         if self.refuse_del:
             raise QemuCommandError("device_del", self.refuse_del, "GenericError")
+        if on_sent is not None:
+            on_sent(qdev_id in self.pending)
+        if self.lose_during_del_wait:
+            self.connected = False
+            raise MonitorConnectionLost("fake: lost while waiting for DEVICE_DELETED")
         if self.guest_refuses:
             raise UnplugGuestError(qdev_id, "fake refusal")
         if not self.guest_acks:

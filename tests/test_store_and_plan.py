@@ -236,10 +236,10 @@ def test_vm_lock_excludes_others_and_dies_with_its_holder(tmp_path):
     async def after_crash():
         with Store(tmp_path / "s") as s:
             async with s.vm_lock("vm1", timeout=1):
-                pass
+                assert stat.S_IMODE(os.stat(tmp_path / "s" / "locks" / "vm1.lock").st_mode) == 0o600
 
     asyncio.run(after_crash())
-    assert stat.S_IMODE(os.stat(tmp_path / "s" / "locks" / "vm1.lock").st_mode) == 0o600
+    assert not (tmp_path / "s" / "locks" / "vm1.lock").exists()  # released: nothing left behind
 
 
 def _lock_and_die(state_dir):
