@@ -203,10 +203,16 @@ def coerce_props(props: Mapping[str, PropValue], types: Mapping[str, str]) -> di
     checked against the type's range; every other value, and every value of a
     property that is not an integer, stays exactly the text it was: ``serial=007``
     is sent as ``"007"``.  Without this, QEMU would read ``"010"`` as octal 8.
+    Other ASCII text for an integer property (``0x10``, ``4K`` for a size) is
+    left for QEMU to read; non-ASCII digits such as ``"١٢"`` or ``"²"`` are refused.
     """
     out: dict[str, PropValue] = {}
     for name, value in props.items():
         kind = types.get(name)
+        if isinstance(value, str) and kind in INT_PROP_RANGES and not value.isascii():
+            raise InvalidProperty(
+                f"Device property {name!r} ({kind}) must be written with ASCII digits, got {value!r}"
+            )
         if isinstance(value, str) and kind in INT_PROP_RANGES and _ASCII_INT_RE.fullmatch(value):
             low, high = INT_PROP_RANGES[kind]
             number = int(value, 10) if len(value) <= 21 else None  # never int() a 5000-digit text

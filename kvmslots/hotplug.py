@@ -278,13 +278,12 @@ async def _typed(monitor: MonitorLike, spec: DeviceSpec) -> DeviceSpec:
     """*spec* with text values of integer properties turned into integers, as QEMU types them.
 
     Only asked of QEMU (``device-list-properties``, once per model and
-    connection) when some value is all ASCII digits; everything else stays the
-    text it was given as.  A model QEMU does not know is left to ``device_add``
-    to refuse, with QEMU's own message.
+    connection) when some text value has a digit in it; everything else stays
+    the text it was given as.  A model QEMU does not know is left to
+    ``device_add`` to refuse, with QEMU's own message.
     """
     lookup = getattr(monitor, "property_types", None)
-    if lookup is None or not any(isinstance(v, str) and v.lstrip("-").isascii() and v.lstrip("-").isdigit()
-                                 for v in spec.props.values()):
+    if lookup is None or not any(isinstance(v, str) and any(c.isdigit() for c in v) for v in spec.props.values()):
         return spec
     try:
         types = await lookup(spec.driver)
