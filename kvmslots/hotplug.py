@@ -713,6 +713,7 @@ class ReconcileReport:
     lost: list[str] = field(default_factory=list)  # attached but gone -> slot freed (someone removed it)
     pending: list[str] = field(default_factory=list)  # detaching, still present, QEMU has the unplug request
     resent: list[str] = field(default_factory=list)  # detaching but device_del never reached QEMU: sent now
+    # (a resent unplug the guest confirms within reconcile's unplug_wait is also in ``released``)
     restored: list[str] = field(default_factory=list)  # detaching, QEMU refuses the unplug: back to attached
     not_running: list[str] = field(default_factory=list)  # planned and absent (VM not booted with it yet)
     misplaced: list[str] = field(default_factory=list)  # present at another bus/slot than recorded
@@ -838,11 +839,13 @@ async def _resend_unplug(
         _restore(store, vm, device.uuid, DeviceState.ATTACHED)
         report.restored.append(device.qemu_id)
         return
+    if not already:
+        report.resent.append(device.qemu_id)  # said even when the eject follows at once
     if deleted:
         _forget(store, vm, device.with_state(DeviceState.DETACHING))
         report.released.append(device.qemu_id)
-    else:
-        (report.pending if already else report.resent).append(device.qemu_id)
+    elif already:
+        report.pending.append(device.qemu_id)
 
 
 def _reconcile_device(
