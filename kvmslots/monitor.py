@@ -154,6 +154,19 @@ class Monitor:
                         greeted = False
                         self._qmp = QMPClient("kvmslots")  # a timed-out client is not reusable
                         raise
+                    except (ConnectError, OSError, EOFError, QMPError, AssertionError) as exc:
+                        # qemu.qmp asserts RUNNING at the end of connect(): a connection that
+                        # closes right after the handshake fails that assertion.  Either way:
+                        # a fresh client for the next attempt.
+                        await self.close()
+                        self._qmp = QMPClient("kvmslots")
+                        if isinstance(exc, (ConnectError, OSError)):
+                            raise
+                        raise ConnectionResetError(f"the monitor closed during the handshake: {exc!r}") from exc
+                    if not self.connected:  # closed just after the handshake
+                        await self.close()
+                        self._qmp = QMPClient("kvmslots")
+                        raise ConnectionResetError("the monitor closed right after the handshake")
         except (ConnectError, OSError, asyncio.TimeoutError) as exc:
             why = (
                 "the monitor accepted the connection but never greeted us (another client holds it?)"
