@@ -32,9 +32,17 @@ T = TypeVar("T")
 class SlotManager:
     """``plan_boot``, ``hot_add``, ``hot_del`` and ``reconcile`` without ``await``."""
 
-    def __init__(self, state_dir: str | os.PathLike[str], *, connect_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        state_dir: str | os.PathLike[str],
+        *,
+        connect_timeout: float = 30.0,
+        command_timeout: float | None = None,
+    ) -> None:
         self.store = Store(state_dir)
         self.connect_timeout = connect_timeout
+        #: longest wait for one QMP answer (None: ``$KVMSLOTS_QMP_TIMEOUT`` or 15 s)
+        self.command_timeout = command_timeout
         self.host: HostDevices | None = None
 
     def use_host_devices(
@@ -86,7 +94,7 @@ class SlotManager:
 
     def _with_monitor(self, qmp: str | os.PathLike[str], work: Callable[[Monitor], Awaitable[T]]) -> T:
         async def run() -> T:
-            async with Monitor(qmp, connect_timeout=self.connect_timeout) as mon:
+            async with Monitor(qmp, connect_timeout=self.connect_timeout, command_timeout=self.command_timeout) as mon:
                 return await work(mon)
 
         return asyncio.run(run())
