@@ -59,6 +59,16 @@ def _read_json_file(path: str, what: str) -> Any:
         raise UsageError(f"{what} {path} is nested too deeply to be a valid document") from None
 
 
+def _write_private(path: str, text: str, what: str) -> None:
+    """Write a file 0600, never through a symlink; a path that cannot be written is bad usage."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+    except OSError as exc:
+        raise UsageError(f"cannot write {what} {path}: {exc.strerror or exc}") from None
+
+
 def _prop_value(text: str) -> PropValue:
     """A property value exactly as typed: ``serial=007`` stays ``"007"``.  Values of integer
     properties become integers at ``attach``, where QEMU says which properties those are."""
@@ -241,9 +251,7 @@ def slot_states(vm: VMSpec, devices: Sequence[Device], view: PciOccupancy | None
 def cmd_export(args: argparse.Namespace, store: Store, out: Output) -> int:
     document = json.dumps(store.export_vm(args.vm), indent=2, sort_keys=True)
     if args.output:
-        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(document + "\n")
+        _write_private(args.output, document + "\n", "--output")
         out.emit({"vm": args.vm, "file": args.output}, f"exported {args.vm} to {args.output}")
     else:
         print(document)
@@ -295,9 +303,7 @@ def cmd_host_sync(args: argparse.Namespace, store: Store, out: Output) -> int:
         devices = discovery.discover_sysfs(args.sysfs)
     report = tracker.update_devices_from_hypervisor_resources(devices)
     if args.device_spec:
-        fd = os.open(spec_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(spec, handle)
+        _write_private(str(spec_file), json.dumps(spec), "the stored device spec")
     data = report.to_json()
     out.emit(data, lambda: "\n".join(f"{k} {len(v)}: {' '.join(v) or '-'}" for k, v in data.items()))
     return 0
@@ -477,6 +483,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         print("kvmslots: interrupted", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # the reader left (`kvmslots plan ... | head -1`): not worth a traceback
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's final flush stays quiet
         return 1
 
 

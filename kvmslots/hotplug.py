@@ -35,6 +35,7 @@ from .errors import (
     QemuCommandError,
     SlotOccupied,
     StateConflict,
+    StateError,
     UnplugGuestError,
     VerificationFailed,
 )
@@ -387,7 +388,9 @@ async def hot_add_many(
         raise DeviceExists("A device UUID is listed twice")
     if not specs:
         return []
+    undo_timeout = validate_timeout(undo_timeout, "undo_timeout")
     async with store.vm_lock(vm):
+        specs = [await _typed(monitor, spec) for spec in specs]
         view = await monitor.pci(placement_only=True)
         reserved = _reserve_many(store, vm, specs, view)
         added: list[Device] = []
@@ -479,6 +482,30 @@ def _find(store: Store, vm: str, uuid: str) -> Device | None:
         return txn.find_device(vm, uuid)
 
 
+class _UnplugRecorder:
+    """The ``on_sent`` callback of ``device_del``: records that QEMU has the unplug request.
+
+    It never raises: QEMU already has the request, so a database that is busy
+    or failing at this moment must not turn a sent unplug into an error that
+    says nothing was changed.  The record then only lacks the flag, and
+    :func:`reconcile` asks QEMU again (which answers "already in the process
+    of unplug").
+    """
+
+    def __init__(self, store: Store, vm: str, uuid: str) -> None:
+        self.store, self.vm, self.uuid = store, vm, uuid
+        self.sent = False
+        self.already = False
+
+    def __call__(self, already: bool) -> None:
+        self.sent, self.already = True, already
+        try:
+            with self.store.transaction() as txn:
+                txn.set_state(self.vm, self.uuid, DeviceState.DETACHING, unplug_requested=True)
+        except StateError as exc:
+            log.warning("QEMU has the unplug of %s in %s but it could not be recorded: %s", self.uuid, self.vm, exc)
+
+
 def _forget(store: Store, vm: str, device: Device) -> bool:
     """Release *device*'s slot, but only if the record is still the one we acted on."""
     with store.transaction() as txn:
@@ -498,8 +525,13 @@ async def _undo_added(
         message = " / ".join(m for m in (failure.qemu_message, extra) if m) or None
         return type(failure)(f"{failure}; {note}", message)
 
+    recorder = _UnplugRecorder(store, vm, device.uuid)  # a crash during the wait leaves 'detaching'
+
+    def left() -> str:
+        return "'detaching' (QEMU has its unplug)" if recorder.sent else "'attaching'"
+
     try:
-        deleted = await monitor.device_del(device.qemu_id, timeout)
+        deleted = await monitor.device_del(device.qemu_id, timeout, recorder)
     except QemuCommandError as exc:
         if exc.error_class != "DeviceNotFound":
             log.error("Could not undo %s: %s", device.qemu_id, exc)
@@ -508,14 +540,22 @@ async def _undo_added(
                 f"{device.slot} reserved until reconcile()", exc.qemu_message
             )
         deleted = True
-    except (MonitorError, HotplugError) as exc:
+    except UnplugGuestError as exc:  # the guest keeps it: it is QEMU's and ours, as after a failed add
+        if recorder.sent:
+            _restore(store, vm, device.uuid, DeviceState.ATTACHING)
         log.error("Could not undo %s: %s", device.qemu_id, exc)
         return with_note(
             f"undoing it failed too ({exc}), so it is left 'attaching' with slot {device.slot} reserved until reconcile()",
+            exc.qemu_message,
+        )
+    except (MonitorError, HotplugError) as exc:
+        log.error("Could not undo %s: %s", device.qemu_id, exc)
+        return with_note(
+            f"undoing it failed too ({exc}), so it is left {left()} with slot {device.slot} reserved until reconcile()",
             getattr(exc, "qemu_message", None),
         )
     if deleted:
-        _forget(store, vm, device)
+        _forget(store, vm, device.with_state(DeviceState.DETACHING) if recorder.sent else device)
         return failure
     with store.transaction() as txn:
         txn.set_state(vm, device.uuid, DeviceState.DETACHING, unplug_requested=True)
@@ -624,30 +664,27 @@ async def _hot_del(store: Store, monitor: MonitorLike, vm: str, uuid: str, timeo
         device = txn.get_device(vm, uuid)
         if device.state is DeviceState.ATTACHING:
             raise StateConflict(f"{device.qemu_id} is still being attached; retry, or run reconcile after a crash")
-        txn.set_state(vm, uuid, DeviceState.DETACHING)
+        # a second hot_del of a pending unplug keeps what is known: QEMU has the request
+        was_requested = device.state is DeviceState.DETACHING and uuid in txn.unplug_requested(vm)
+        txn.set_state(vm, uuid, DeviceState.DETACHING, unplug_requested=was_requested)
     previous = device.state
     device = device.with_state(DeviceState.DETACHING)
-
-    def requested(_already: bool) -> None:  # QEMU has the device_del: a crash from here on is "pending"
-        with store.transaction() as txn:
-            txn.set_state(vm, uuid, DeviceState.DETACHING, unplug_requested=True)
+    recorder = _UnplugRecorder(store, vm, uuid)  # QEMU has the device_del: a crash from then on is "pending"
 
     try:
-        deleted = await monitor.device_del(device.qemu_id, timeout, requested)
+        deleted = await monitor.device_del(device.qemu_id, timeout, recorder)
     except MonitorConnectionLost as exc:
-        raise MonitorConnectionLost(
+        exc.vm, exc.device_id = vm, device.qemu_id  # same type (a MonitorTimeout stays one), with the facts
+        exc.args = (
             f"{exc}; {device.qemu_id} stays 'detaching' with slot {device.slot} taken until reconcile() "
             "sees what QEMU did",
-            address=exc.address,
-            command=exc.command,
-            vm=vm,
-            device_id=device.qemu_id,
-        ) from exc
+        )
+        raise
     except QemuCommandError as exc:
         if exc.error_class == "DeviceNotFound" and not (await monitor.pci()).has(device.qemu_id):
             deleted = True  # QEMU does not have it (already ejected, or never booted with it)
         else:
-            _restore(store, vm, uuid, previous)
+            _restore(store, vm, uuid, previous, unplug_requested=was_requested)
             raise HotplugError(
                 f"QEMU refused device_del of {device.qemu_id}: {exc.qemu_message}", exc.qemu_message
             ) from exc
@@ -695,9 +732,9 @@ async def watch_unplugs(
                     released.append(qid)
 
 
-def _restore(store: Store, vm: str, uuid: str, state: DeviceState) -> None:
+def _restore(store: Store, vm: str, uuid: str, state: DeviceState, *, unplug_requested: bool = False) -> None:
     with store.transaction() as txn:
-        txn.set_state(vm, uuid, state)
+        txn.set_state(vm, uuid, state, unplug_requested=unplug_requested)
 
 
 # --------------------------------------------------------------------------- reconcile
@@ -782,17 +819,19 @@ async def reconcile(
         _require_host(vm, before.values(), host, "reconcile")
         view = await monitor.pci()
         report, unsent = _reconcile_view(store, vm, view)
-        for device in unsent:
-            await _resend_unplug(store, monitor, vm, device, unplug_wait, report)
-        if host is not None:
-            for qid in report.released + report.lost:
-                host.release_guest_device(vm, before[qid])
-            # every passthrough device QEMU has must hold an allocation, including one whose
-            # process died between committing 'attached' and allocating
-            for device in store.devices(vm):
-                if device.state is DeviceState.ATTACHED:
-                    host.allocate_guest_device(vm, device)
-            report.host_freed = host.free_orphan_claims(vm, {d.uuid for d in store.devices(vm)})
+        try:
+            for device in unsent:
+                await _resend_unplug(store, monitor, vm, device, unplug_wait, report)
+        finally:  # records already released free their host devices even if QEMU fails us now
+            if host is not None:
+                for qid in report.released + report.lost:
+                    host.release_guest_device(vm, before[qid])
+                # every passthrough device QEMU has must hold an allocation, including one whose
+                # process died between committing 'attached' and allocating
+                for device in store.devices(vm):
+                    if device.state is DeviceState.ATTACHED:
+                        host.allocate_guest_device(vm, device)
+                report.host_freed = host.free_orphan_claims(vm, {d.uuid for d in store.devices(vm)})
         return report
 
 
@@ -817,16 +856,9 @@ async def _resend_unplug(
     store: Store, monitor: MonitorLike, vm: str, device: Device, wait: float, report: ReconcileReport
 ) -> None:
     """Finish a detach whose ``device_del`` never reached QEMU (the process died first)."""
-    already = False
-
-    def requested(pending: bool) -> None:
-        nonlocal already
-        already = pending
-        with store.transaction() as txn:
-            txn.set_state(vm, device.uuid, DeviceState.DETACHING, unplug_requested=True)
-
+    recorder = _UnplugRecorder(store, vm, device.uuid)
     try:
-        deleted = await monitor.device_del(device.qemu_id, wait, requested)
+        deleted = await monitor.device_del(device.qemu_id, wait, recorder)
     except QemuCommandError as exc:
         if exc.error_class == "DeviceNotFound":
             deleted = True
@@ -839,12 +871,12 @@ async def _resend_unplug(
         _restore(store, vm, device.uuid, DeviceState.ATTACHED)
         report.restored.append(device.qemu_id)
         return
-    if not already:
+    if recorder.sent and not recorder.already:
         report.resent.append(device.qemu_id)  # said even when the eject follows at once
     if deleted:
         _forget(store, vm, device.with_state(DeviceState.DETACHING))
         report.released.append(device.qemu_id)
-    elif already:
+    elif recorder.already:
         report.pending.append(device.qemu_id)
 
 

@@ -329,6 +329,7 @@ class Monitor:
         requested, so a crash during the wait is never taken for "never sent".
         """
 
+        timeout = validate_timeout(timeout)  # before QEMU is asked anything
         # virtio devices first emit DEVICE_DELETED for their backend child, with a path and no id.
         listener = EventListener(
             ("DEVICE_DELETED", "DEVICE_UNPLUG_GUEST_ERROR"), lambda event: _event_device(event) == qdev_id
@@ -343,7 +344,7 @@ class Monitor:
                 already = True
             if on_sent is not None:
                 on_sent(already)
-            event = await self._next_event(listener, validate_timeout(timeout), f"the DEVICE_DELETED wait for {qdev_id}")
+            event = await self._next_event(listener, timeout, f"the DEVICE_DELETED wait for {qdev_id}")
             if event is None:
                 return False
         if event["event"] == "DEVICE_UNPLUG_GUEST_ERROR":

@@ -28,6 +28,7 @@ import os
 import sqlite3
 import stat
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterable, Iterator, Mapping, Sequence
 
@@ -247,6 +248,9 @@ class Store:
             # ends every VM they were about.  durable=True fsyncs each commit (about 200 us more).
             self._conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
             version = self._schema_version()
+            if self._conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":  # an old file: reads need WAL
+                with contextlib.suppress(sqlite3.OperationalError):  # another process may hold it now
+                    self._conn.execute("PRAGMA journal_mode = WAL")
         except StateError:
             self._close_quietly()
             raise
@@ -254,7 +258,8 @@ class Store:
             self._close_quietly()
             raise StateCorrupt(
                 f"State file {self.path} is not a readable kvmslots database ({exc}); refusing to treat it as a "
-                "new store. Restore it from a backup, or move it away to start from nothing.",
+                "new store. Restore it from a backup, or move it away (with its -wal and -shm files) to start from "
+                "nothing.",
                 str(self.path),
             ) from exc
         except (OSError, sqlite3.Error) as exc:
@@ -281,7 +286,8 @@ class Store:
         if not has_vms or version < 1:
             raise StateCorrupt(
                 f"State file {self.path} is not a kvmslots state (no schema, version {version}); refusing to "
-                "treat it as a new store. Restore it from a backup, or move it away to start from nothing.",
+                "treat it as a new store. Restore it from a backup, or move it away (with its -wal and -shm files) "
+                "to start from nothing.",
                 str(self.path),
             )
         if version > _SCHEMA_VERSION:
@@ -340,8 +346,9 @@ class Store:
             self._conn.execute("BEGIN")
             try:
                 yield Transaction(self._conn)
-            finally:
-                self._conn.execute("COMMIT")
+            finally:  # a read commits nothing, not even a write made through it by mistake
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
         except sqlite3.Error as exc:
             raise StateError(f"State store {self.path}: {exc}") from exc
 
@@ -608,9 +615,18 @@ def _tighten(path: Path, info: os.stat_result, mode: int) -> None:
 def _existing_file(path: Path) -> bool:
     """Is there a state file?  It (and its WAL files) must be a regular file of ours, and is made
     0600 if it was looser.  Only a missing file means a new store; an empty one is refused."""
+    _remove_stale_temporaries(path)
     try:
         info = path.lstat()
     except FileNotFoundError:
+        left = [side.name for side in _side_files(path) if os.path.lexists(side)]
+        if left:  # SQLite would replay an old WAL into a brand-new database
+            raise StateCorrupt(
+                f"State file {path} is missing but its {' and '.join(left)} {'are' if len(left) > 1 else 'is'} "
+                "still there (the file was moved without them?); refusing to start a new store from them. "
+                "Put the file back, or move all of them away together to start from nothing.",
+                str(path),
+            ) from None
         return False
     if not stat.S_ISREG(info.st_mode):
         raise StateError(f"State file {path} is not a regular file (a symlink or a device?)")
@@ -619,17 +635,41 @@ def _existing_file(path: Path) -> bool:
     if info.st_size == 0:
         raise StateCorrupt(
             f"State file {path} is empty (truncated?); refusing to treat it as a new store, which would "
-            "forget every slot assignment. Restore it from a backup, or remove it to start from nothing.",
+            "forget every slot assignment. Restore it from a backup, or move it away together with its -wal and "
+            "-shm files to start from nothing.",
             str(path),
         )
     _tighten(path, info, 0o600)
-    for suffix in ("-wal", "-shm"):
-        side = path.with_name(path.name + suffix)
+    for side in _side_files(path):
         with contextlib.suppress(FileNotFoundError):
             side_info = side.lstat()
             if stat.S_ISREG(side_info.st_mode) and side_info.st_uid == os.geteuid():
                 _tighten(side, side_info, 0o600)
     return True
+
+
+def _side_files(path: Path) -> tuple[Path, Path]:
+    return path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")
+
+
+#: A temporary database older than this was left by a process that died while creating the store.
+_STALE_TEMPORARY = 600.0
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove what a process that died inside :func:`_create_database` left: a half-built
+    database, or a second name (hard link) of the live one, which must never be opened."""
+    now = time.time()
+    try:
+        live = path.lstat()
+    except FileNotFoundError:
+        live = None
+    for leftover in path.parent.glob(f".{path.name}.*.new*"):
+        with contextlib.suppress(OSError):
+            info = leftover.lstat()
+            same = live is not None and (info.st_dev, info.st_ino) == (live.st_dev, live.st_ino)
+            if same or now - info.st_mtime > _STALE_TEMPORARY:  # a second name of the live file: always
+                leftover.unlink()
 
 
 def _create_database(path: Path) -> None:
@@ -654,8 +694,13 @@ def _create_database(path: Path) -> None:
             conn.execute("COMMIT")
         finally:
             conn.close()
-        with contextlib.suppress(FileExistsError):
+        try:
             os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process created it first: open theirs
+        except OSError:  # a file system without hard links: a rename, unless the file appeared meanwhile
+            if not os.path.lexists(path):
+                os.rename(tmp, path)
     finally:
         for leftover in (tmp, tmp.with_name(tmp.name + "-wal"), tmp.with_name(tmp.name + "-shm")):
             with contextlib.suppress(FileNotFoundError):

@@ -277,3 +277,22 @@ def test_reconcile_frees_a_claim_whose_guest_device_was_never_recorded(env):
     assert binder.calls[-1] == f"reattach {plain_addr(1)}"
     assert tracker.get_device(kept.props["host"]).status is PciStatus.ALLOCATED
     assert tracker.get_device(flavor[0].address).status is PciStatus.CLAIMED
+
+
+def test_reconcile_frees_host_devices_of_released_records_even_when_qemu_fails_it_later(env):
+    """Records reconcile already released must free their host devices, even if a later step
+    (re-sending an unplug that never reached QEMU) loses QEMU."""
+    from kvmslots import DeviceState, MonitorConnectionLost
+
+    store, tracker, hostdevs, _ = env
+    qemu = FakeQemu()
+    a = run(hot_add(store, qemu, "vm1", gpu(1), host=hostdevs))
+    b = run(hot_add(store, qemu, "vm1", gpu(2), host=hostdevs))
+    del qemu.devices[a.qemu_id]  # someone removed A behind our back: reconcile releases it
+    with store.transaction() as txn:  # B: a detach that died before its device_del
+        txn.set_state("vm1", b.uuid, DeviceState.DETACHING)
+    qemu.lose_during_del_wait = True
+    with pytest.raises(MonitorConnectionLost):
+        run(reconcile(store, qemu, "vm1", host=hostdevs))
+    assert tracker.get_device(a.props["host"]).status is PciStatus.AVAILABLE
+    assert tracker.get_device(b.props["host"]).status is PciStatus.ALLOCATED  # QEMU may still hold it

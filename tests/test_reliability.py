@@ -445,3 +445,131 @@ def test_item9_a_symlinked_state_file_is_refused(tmp_path):
     (state / DB_NAME).symlink_to(tmp_path / "elsewhere")
     with pytest.raises(Exception, match="regular file"):
         Store(state)
+
+
+# --- found by review: the corners of the items above ----------------------------------------
+
+
+def test_a_leftover_wal_without_its_database_is_refused_not_replayed(tmp_path):
+    state = tmp_path / "s"
+    with Store(state) as s:
+        s.define_vm(VMSpec("old"))
+    (state / DB_NAME).rename(tmp_path / "moved")  # "move it away", but without its -wal
+    (state / f"{DB_NAME}-wal").write_bytes(b"stale wal frames")
+    with pytest.raises(StateCorrupt, match="-wal"):
+        Store(state)
+
+
+def test_a_second_name_left_by_a_crashed_creator_is_removed(tmp_path):
+    state = tmp_path / "s"
+    with Store(state):
+        pass
+    twin = state / f".{DB_NAME}.abc123.new"
+    os.link(state / DB_NAME, twin)  # a crash between link and unlink
+    with Store(state) as s:
+        assert s.vms() == []
+    assert not twin.exists()
+
+
+def test_a_read_transaction_never_commits(store):
+    with pytest.raises(RuntimeError):
+        with store.reading() as txn:
+            txn.execute("DELETE FROM vms")
+            raise RuntimeError("boom")
+    assert store.vms() == ["vm1"]
+
+
+def test_a_second_hot_del_of_a_pending_unplug_keeps_it_requested(store):
+    qemu = FakeQemu(guest_acks=False)
+    device = run(hot_add(store, qemu, "vm1", DeviceSpec(U[1], "dev", "pci-testdev")))
+    assert run(hot_del(store, qemu, "vm1", U[1], timeout=0)).pending
+    qemu.lose_during_del_wait = True
+    qemu.refuse_del = None
+    with pytest.raises(MonitorConnectionLost):
+        run(hot_del(store, qemu, "vm1", U[1], timeout=5))
+    with store.reading() as txn:
+        assert txn.unplug_requested("vm1") == {U[1]}
+    qemu.connected = True
+    report = run(reconcile(store, qemu, "vm1"))
+    assert report.pending == [device.qemu_id] and report.resent == []
+
+
+def test_hot_del_keeps_a_monitor_timeout_a_monitor_timeout(store):
+    from kvmslots.errors import MonitorTimeout
+
+    class Wedged(FakeQemu):
+        async def device_del(self, qdev_id, timeout, on_sent=None):
+            raise MonitorTimeout("fake: no answer", address="/x", command="device_del", timeout=0.5)
+
+    qemu = Wedged()
+    device = run(hot_add(store, qemu, "vm1", DeviceSpec(U[1], "dev", "pci-testdev")))
+    with pytest.raises(MonitorTimeout) as info:
+        run(hot_del(store, qemu, "vm1", U[1]))
+    assert (info.value.timeout, info.value.vm, info.value.device_id) == (0.5, "vm1", device.qemu_id)
+    assert "reconcile" in str(info.value)
+
+
+def test_an_unplug_qemu_took_is_not_an_error_when_the_database_cannot_record_it(store, tmp_path):
+    qemu = FakeQemu(guest_acks=False)
+    run(hot_add(store, qemu, "vm1", DeviceSpec(U[1], "dev", "pci-testdev")))
+    writer = sqlite3.connect(store.path, isolation_level=None)
+    real = qemu.device_del
+
+    async def busy_while_sent(qdev_id, timeout, on_sent=None):
+        def locked(already):
+            writer.execute("BEGIN IMMEDIATE")  # another process holds the write lock right now
+            try:
+                on_sent(already)
+            finally:
+                writer.execute("ROLLBACK")
+        return await real(qdev_id, timeout, locked)
+
+    qemu.device_del = busy_while_sent
+    with Store(tmp_path / "state", timeout=0.1) as quick:
+        assert run(hot_del(quick, qemu, "vm1", U[1], timeout=0)).pending
+    writer.close()
+    assert store.get_device("vm1", U[1]).state is DeviceState.DETACHING
+
+
+def test_reconcile_does_not_call_a_vanished_device_resent(store):
+    qemu = FakeQemu()
+    device = run(hot_add(store, qemu, "vm1", DeviceSpec(U[1], "dev", "pci-testdev")))
+    with store.transaction() as txn:
+        txn.set_state("vm1", U[1], DeviceState.DETACHING)
+
+    class GoneOnDel(FakeQemu):
+        async def device_del(self, qdev_id, timeout, on_sent=None):
+            from kvmslots.errors import QemuCommandError
+            raise QemuCommandError("device_del", f"Device '{qdev_id}' not found", "DeviceNotFound")
+
+    racing = GoneOnDel(devices=dict(qemu.devices))  # the view still shows it, device_del no longer finds it
+    report = run(reconcile(store, racing, "vm1"))
+    assert report.released == [device.qemu_id] and report.resent == []
+
+
+def test_undo_that_dies_during_its_wait_leaves_detaching_not_attaching(store):
+    from kvmslots.errors import DeviceAddFailed
+
+    qemu = FakeQemu(misplace_by=1, lose_during_del_wait=True)  # verification fails, undo loses QEMU
+    with pytest.raises(DeviceAddFailed, match="detaching"):
+        run(hot_add(store, qemu, "vm1", DeviceSpec(U[1], "dev", "pci-testdev")))
+    assert store.get_device("vm1", U[1]).state is DeviceState.DETACHING
+    with store.reading() as txn:
+        assert txn.unplug_requested("vm1") == {U[1]}
+
+
+def test_hot_add_many_types_integer_properties_too(store):
+    from kvmslots import hot_add_many
+
+    qemu = TypedFake()
+    qemu.sent = []
+    run(hot_add_many(store, qemu, "vm1", [DeviceSpec(U[1], "dev", "virtio-net-pci", {"vectors": "010"})]))
+    assert qemu.sent[0]["vectors"] == 10
+
+
+def test_export_to_an_unwritable_place_is_a_usage_error(tmp_path, capsys):
+    state = str(tmp_path / "s")
+    assert cli(capsys, "--state", state, "plan", "vm1")[0] == 0
+    for target in (str(tmp_path / "no" / "such"), str(tmp_path)):
+        code, _, err = cli(capsys, "--state", state, "export", "vm1", "-o", target)
+        assert code == 2 and err.startswith("kvmslots: error: cannot write")
