@@ -26,7 +26,7 @@ from .slots import DEFAULT_PCI_RESERVATIONS, SlotMap
 from .store import Store
 from .sync import SlotManager
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "plan_boot",
