@@ -26,6 +26,7 @@ from .errors import (
     InvalidProperty,
     InvalidUUID,
 )
+from ._shown import shown
 from .slots import NUM_SLOTS, validate_slot
 
 __all__ = [
@@ -83,19 +84,21 @@ INT_PROP_RANGES: dict[str, tuple[int, int]] = {
 _ASCII_INT_RE = re.compile(r"-?[0-9]+")
 
 
-def is_passthrough_driver(driver: str) -> bool:
+def is_passthrough_driver(driver: object) -> bool:
     """Does *driver* hand a host device to the guest?  Matched by family (``vfio-*``), so a
     variant such as ``vfio-pci-nohotplug`` is never taken for an ordinary device."""
+    if not isinstance(driver, str):
+        return False
     return driver in PASSTHROUGH_DRIVERS or driver == "vfio" or driver.startswith("vfio-")
 
 
 def validate_uuid(value: object) -> str:
     """Return the canonical lowercase form of a UUID string, or raise :class:`InvalidUUID`."""
     if not isinstance(value, str) or not _UUID_RE.fullmatch(value):
-        raise InvalidUUID(f"Not a UUID (8-4-4-4-12 hex digits): {value!r}")
+        raise InvalidUUID(f"Not a UUID (8-4-4-4-12 hex digits): {shown(value)}")
     parsed = _uuid.UUID(value)
     if parsed.int in (0, (1 << 128) - 1):
-        raise InvalidUUID(f"The nil or max UUID does not identify a device: {value!r}")
+        raise InvalidUUID(f"The nil or max UUID does not identify a device: {shown(value)}")
     return str(parsed)
 
 
@@ -108,7 +111,7 @@ def validate_dev_type(value: object) -> str:
     """A device type is ``[a-z][a-z0-9]*`` (no dash: the id must parse back)."""
     if not isinstance(value, str) or not _DEV_TYPE_RE.fullmatch(value) or len(value) > MAX_DEV_TYPE:
         raise InvalidDeviceType(
-            f"Device type must match [a-z][a-z0-9]* (at most {MAX_DEV_TYPE} characters), got {value!r}"
+            f"Device type must match [a-z][a-z0-9]* (at most {MAX_DEV_TYPE} characters), got {shown(value)}"
         )
     return value
 
@@ -124,33 +127,33 @@ def parse_device_id(text: object) -> tuple[str, str, int]:
         raise InvalidDeviceId(f"Device id must be a string, got {type(text).__name__}")
     match = _DEVICE_ID_RE.fullmatch(text)
     if not match or len(match.group(1)) > MAX_DEV_TYPE:
-        raise InvalidDeviceId(f"Not a kvmslots device id (<type>-<uuid8>-pci-<slot>): {text!r}")
+        raise InvalidDeviceId(f"Not a kvmslots device id (<type>-<uuid8>-pci-<slot>): {shown(text)}")
     slot = int(match.group(3))
     if slot >= NUM_SLOTS:
-        raise InvalidDeviceId(f"Slot {slot} out of range 0-{NUM_SLOTS - 1} in device id {text!r}")
+        raise InvalidDeviceId(f"Slot {slot} out of range 0-{NUM_SLOTS - 1} in device id {shown(text)}")
     return match.group(1), match.group(2), slot
 
 
 def validate_vm_name(value: object) -> str:
     """VM names become file names and log keys: ``[A-Za-z0-9][A-Za-z0-9._-]{0,63}``."""
     if not isinstance(value, str) or not _VM_NAME_RE.fullmatch(value):
-        raise InvalidName(f"VM name must match [A-Za-z0-9][A-Za-z0-9._-]{{0,63}}, got {value!r}")
+        raise InvalidName(f"VM name must match [A-Za-z0-9][A-Za-z0-9._-]{{0,63}}, got {shown(value)}")
     return value
 
 
 def validate_bus(value: object) -> str:
     """A bus is named by its QEMU id (``pci.0``, or a bridge's id)."""
     if not isinstance(value, str) or not _QEMU_ID_RE.fullmatch(value):
-        raise InvalidBus(f"PCI bus must be a QEMU bus id such as 'pci.0', got {value!r}")
+        raise InvalidBus(f"PCI bus must be a QEMU bus id such as 'pci.0', got {shown(value)}")
     return value
 
 
 def validate_driver(value: object) -> str:
     """A QEMU device model name such as ``virtio-net-pci`` or ``vfio-pci``."""
     if not isinstance(value, str) or not _DRIVER_RE.fullmatch(value):
-        raise InvalidDriver(f"QEMU driver must match [a-z][a-z0-9_.-]*, got {value!r}")
+        raise InvalidDriver(f"QEMU driver must match [a-z][a-z0-9_.-]*, got {shown(value)}")
     if value in HELP_WORDS:
-        raise InvalidDriver(f"{value!r} is not a device model: QEMU would print its device list and exit")
+        raise InvalidDriver(f"{shown(value)} is not a device model: QEMU would print its device list and exit")
     return value
 
 
@@ -169,27 +172,27 @@ def validate_props(props: Mapping[str, object] | None, driver: str | None = None
     clean: dict[str, PropValue] = {}
     for name, value in props.items():
         if not isinstance(name, str) or not _PROP_NAME_RE.fullmatch(name):
-            raise InvalidProperty(f"Bad device property name {name!r}")
+            raise InvalidProperty(f"Bad device property name {shown(name)}")
         if name in RESERVED_PROPS:
-            raise InvalidProperty(f"Device property {name!r} is set by kvmslots and cannot be given")
+            raise InvalidProperty(f"Device property {shown(name)} is set by kvmslots and cannot be given")
         if name in HELP_WORDS:
-            raise InvalidProperty(f"Device property {name!r} makes QEMU print help and exit instead of starting")
+            raise InvalidProperty(f"Device property {shown(name)} makes QEMU print help and exit instead of starting")
         passthrough = driver is not None and is_passthrough_driver(driver)
         if name.startswith("x-") or (name in HOST_ACCESS_PROPS and not (name == "host" and passthrough)):
             raise InvalidProperty(
-                f"Device property {name!r} gives the guest access to host resources and is not accepted"
+                f"Device property {shown(name)} gives the guest access to host resources and is not accepted"
                 + ("; use a PassthroughSpec for host PCI devices" if name in ("host", "sysfsdev") else "")
             )
         if isinstance(value, str):
             if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
-                raise InvalidProperty(f"Device property {name!r} has a control character")
+                raise InvalidProperty(f"Device property {shown(name)} has a control character")
         elif not isinstance(value, (bool, int)):
             raise InvalidProperty(
-                f"Device property {name!r} must be a string, integer or boolean, got {type(value).__name__}"
+                f"Device property {shown(name)} must be a string, integer or boolean, got {type(value).__name__}"
             )
         elif not isinstance(value, bool) and not MIN_PROP_INT <= value <= MAX_PROP_INT:
             raise InvalidProperty(
-                f"Device property {name!r} is out of QEMU's integer range ({MIN_PROP_INT} to {MAX_PROP_INT})"
+                f"Device property {shown(name)} is out of QEMU's integer range ({MIN_PROP_INT} to {MAX_PROP_INT})"
             )
         clean[name] = value
     return clean
@@ -211,13 +214,13 @@ def coerce_props(props: Mapping[str, PropValue], types: Mapping[str, str]) -> di
         kind = types.get(name)
         if isinstance(value, str) and kind in INT_PROP_RANGES and not value.isascii():
             raise InvalidProperty(
-                f"Device property {name!r} ({kind}) must be written with ASCII digits, got {value!r}"
+                f"Device property {shown(name)} ({kind}) must be written with ASCII digits, got {shown(value)}"
             )
         if isinstance(value, str) and kind in INT_PROP_RANGES and _ASCII_INT_RE.fullmatch(value):
             low, high = INT_PROP_RANGES[kind]
             number = int(value, 10) if len(value) <= 21 else None  # never int() a 5000-digit text
             if number is None or not low <= number <= high:
-                raise InvalidProperty(f"Device property {name!r} ({kind}) must be {low} to {high}, got {value}")
+                raise InvalidProperty(f"Device property {shown(name)} ({kind}) must be {low} to {high}, got {value}")
             out[name] = number
         else:
             out[name] = value

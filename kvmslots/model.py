@@ -28,6 +28,7 @@ from .devid import (
     validate_uuid,
     validate_vm_name,
 )
+from ._shown import shown
 from .errors import InvalidMask, InvalidName
 from .slots import DEFAULT_PCI_RESERVATIONS, validate_mask, validate_slot
 
@@ -163,7 +164,7 @@ class VMSpec:
     def __post_init__(self) -> None:
         validate_vm_name(self.name)
         if not isinstance(self.machine, str) or not _MACHINE_RE.fullmatch(self.machine):
-            raise InvalidName(f"Machine type must look like 'pc' or 'pc-i440fx-7.2', got {self.machine!r}")
+            raise InvalidName(f"Machine type must look like 'pc' or 'pc-i440fx-7.2', got {shown(self.machine)}")
         validate_mask(self.mask)
         if not isinstance(self.bus_masks, Mapping):
             raise InvalidMask(f"bus_masks must map bus ids to masks, got {type(self.bus_masks).__name__}")

@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator, Mapping, Protocol
 import tenacity
 from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, ExecuteError, Message, QMPClient, QMPError, Runstate
 
+from ._shown import shown
 from .errors import (
     InvalidTimeout,
     MonitorConnectionLost,
@@ -69,11 +70,11 @@ _CLOSE_TIMEOUT = 2.0
 def validate_timeout(value: object, what: str = "timeout", *, allow_zero: bool = True) -> float:
     """A finite number of seconds in [0, MAX_WAIT] (``inf``, ``nan``, bools and text are refused)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidTimeout(f"{what} must be a number of seconds, got {value!r}")
-    seconds = float(value)
+        raise InvalidTimeout(f"{what} must be a number of seconds, got {shown(value)}")
+    seconds = float(value) if not isinstance(value, int) or abs(value) <= MAX_WAIT else math.inf
     if not math.isfinite(seconds) or seconds < 0 or seconds > MAX_WAIT or (seconds == 0 and not allow_zero):
         low = "0" if allow_zero else "more than 0"
-        raise InvalidTimeout(f"{what} must be {low} to {MAX_WAIT:g} seconds, got {value!r}")
+        raise InvalidTimeout(f"{what} must be {low} to {MAX_WAIT:g} seconds, got {shown(value)}")
     return seconds
 
 

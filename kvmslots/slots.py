@@ -16,6 +16,7 @@ from typing import Iterable, Iterator
 
 from bitarray import bitarray
 
+from ._shown import shown
 from .errors import InvalidMask, InvalidSlot, SlotOccupied, SlotReserved, SlotsExhausted
 
 __all__ = ["NUM_SLOTS", "DEFAULT_PCI_RESERVATIONS", "SlotMap", "validate_mask", "validate_slot"]
@@ -37,16 +38,16 @@ def validate_mask(mask: object) -> str:
     if not isinstance(mask, str):
         raise InvalidMask(f"Reservation mask must be a string of 32 '0'/'1' characters, got {type(mask).__name__}")
     if len(mask) != NUM_SLOTS or mask.strip("01"):
-        raise InvalidMask(f"Reservation mask must be 32 characters of '0' and '1', got {mask!r}")
+        raise InvalidMask(f"Reservation mask must be 32 characters of '0' and '1', got {shown(mask)}")
     return mask
 
 
 def validate_slot(slot: object) -> int:
     """Return *slot* if it is an int in 0..31 (bools are refused), else raise."""
     if isinstance(slot, bool) or not isinstance(slot, int):
-        raise InvalidSlot(f"PCI slot must be an integer 0-{NUM_SLOTS - 1}, got {slot!r}")
+        raise InvalidSlot(f"PCI slot must be an integer 0-{NUM_SLOTS - 1}, got {shown(slot)}")
     if not 0 <= slot < NUM_SLOTS:
-        raise InvalidSlot(f"PCI slot must be 0-{NUM_SLOTS - 1}, got {slot}")
+        raise InvalidSlot(f"PCI slot must be 0-{NUM_SLOTS - 1}, got {shown(slot)}")
     return slot
 
 

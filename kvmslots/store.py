@@ -34,6 +34,7 @@ from typing import Any, AsyncIterator, Iterable, Iterator, Mapping, Sequence
 
 import tenacity
 
+from ._shown import shown
 from .devid import is_passthrough_driver, uuid8, validate_uuid, validate_vm_name
 from .errors import (
     DeviceExists,
@@ -509,11 +510,11 @@ def parse_export(document: Mapping[str, Any] | str | bytes) -> tuple[VMSpec, lis
     if not isinstance(document, Mapping):
         raise StateImportError("Runtime document must be a JSON object")
     if document.get("format") != EXPORT_FORMAT:
-        raise StateImportError(f"Not a kvmslots runtime document (format {document.get('format')!r})")
+        raise StateImportError(f"Not a kvmslots runtime document (format {shown(document.get('format'))})")
     version = document.get("version")
     if type(version) is not int or version != EXPORT_VERSION:  # neither true nor 1.0 is version 1
         raise StateImportError(
-            f"Runtime document version {document.get('version')!r} is not supported (expected {EXPORT_VERSION})"
+            f"Runtime document version {shown(document.get('version'))} is not supported (expected {EXPORT_VERSION})"
         )
     _expect_keys(document, {"format", "version", "vm", "devices"}, "document")
     raw_vm = document["vm"]
@@ -540,6 +541,8 @@ def parse_export(document: Mapping[str, Any] | str | bytes) -> tuple[VMSpec, lis
             spec = DeviceSpec(
                 raw["uuid"], raw["type"], raw["driver"], _mapping(raw["props"], f"{where}.props"), raw["bus"], raw["slot"]
             )
+            if not isinstance(raw["state"], str) or raw["state"] not in {s.value for s in DeviceState}:
+                raise ValidationError(f"state must be one of {', '.join(s.value for s in DeviceState)}")
             state = DeviceState(raw["state"])
         except (ValidationError, ValueError) as exc:
             raise StateImportError(f"Bad device in {where}: {exc}") from None
@@ -553,7 +556,7 @@ def parse_export(document: Mapping[str, Any] | str | bytes) -> tuple[VMSpec, lis
             )
         device = Device.from_spec(spec, spec.slot, state)
         if raw["id"] != device.qemu_id:
-            raise StateImportError(f"{where}: id {raw['id']!r} does not match its type, UUID and slot ({device.qemu_id})")
+            raise StateImportError(f"{where}: id {shown(raw['id'])} does not match its type, UUID and slot ({device.qemu_id})")
         if device.uuid in uuids:
             raise StateImportError(f"{where}: UUID {device.uuid} appears twice")
         if SlotMap(vm.mask_for(device.bus)).is_masked(device.slot):
@@ -713,7 +716,7 @@ def _expect_keys(obj: Mapping[str, Any], keys: set[str], where: str) -> None:
     if missing:
         raise StateImportError(f"{where} lacks {', '.join(sorted(missing))}")
     if unknown:
-        raise StateImportError(f"{where} has unknown keys {', '.join(sorted(map(str, unknown)))}")
+        raise StateImportError(f"{where} has unknown keys {', '.join(sorted(shown(key, 60) for key in unknown))}")
 
 
 def _mapping(value: Any, where: str) -> Mapping[str, Any]:

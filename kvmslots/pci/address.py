@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .._shown import shown
 from ..errors import InvalidPciAddress, ValidationError
 
 __all__ = [
@@ -58,7 +59,7 @@ class PciAddress:
             ("function", self.function, MAX_FUNCTION),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
-                raise InvalidPciAddress(f"PCI {name} must be 0..{limit:#x}, got {value!r}")
+                raise InvalidPciAddress(f"PCI {name} must be 0..{limit:#x}, got {shown(value)}")
 
     def __str__(self) -> str:
         return f"{self.domain:04x}:{self.bus:02x}:{self.slot:02x}.{self.function:x}"
@@ -75,7 +76,7 @@ def parse_address(text: object) -> PciAddress:
         raise InvalidPciAddress(f"PCI address must be a string 'dddd:bb:ss.f', got {type(text).__name__}")
     match = _ADDRESS_RE.fullmatch(text.strip())
     if not match:
-        raise InvalidPciAddress(f"PCI address must look like 0000:04:00.3, got {text!r}")
+        raise InvalidPciAddress(f"PCI address must look like 0000:04:00.3, got {shown(text)}")
     domain, bus, slot, function = (int(part, 16) for part in match.groups())
     return PciAddress(domain, bus, slot, function)
 
@@ -88,5 +89,5 @@ def canonical_address(text: object) -> str:
 def validate_pci_id(value: object, what: str = "PCI id", error: type[ValidationError] = ValidationError) -> str:
     """Vendor and product ids are 4 lowercase hex digits (Nova's format)."""
     if not isinstance(value, str) or not _PCI_ID_RE.fullmatch(value):
-        raise error(f"{what} must be 4 lowercase hex digits, got {value!r}")
+        raise error(f"{what} must be 4 lowercase hex digits, got {shown(value)}")
     return value

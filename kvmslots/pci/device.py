@@ -19,6 +19,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
+from .._shown import shown
 from ..errors import InvalidDevicesJson, PciDeviceInvalidOwner, PciDeviceInvalidStatus, ValidationError
 from .address import DEV_TYPE_PCI, DEV_TYPE_PF, DEV_TYPE_VF, DEV_TYPES, canonical_address, validate_pci_id
 
@@ -190,10 +191,11 @@ def device_from_hypervisor(raw: Mapping[str, Any], tags: Mapping[str, str] | Non
     """Validate one record of the hypervisor's JSON device list into a :class:`PciDevice`."""
     if not isinstance(raw, Mapping):
         raise InvalidDevicesJson(f"Each device must be a JSON object, got {type(raw).__name__}")
-    where = f"device {raw.get('address')!r}"
+    where = f"device {shown(raw.get('address'))}"
     unknown = set(raw) - set(HYPERVISOR_FIELDS) - {"compute_node_id", "numa_node", "extra_info", "capabilities"}
     if unknown:
-        raise InvalidDevicesJson(f"{where} has unknown keys: {', '.join(sorted(map(str, unknown)))}")
+        names = sorted(key if isinstance(key, str) else shown(key) for key in unknown)
+        raise InvalidDevicesJson(f"{where} has unknown keys: {', '.join(names)}")
     try:
         address = canonical_address(raw.get("address"))
         vendor_id = validate_pci_id(raw.get("vendor_id"), f"{where}: vendor_id", InvalidDevicesJson)
@@ -202,7 +204,7 @@ def device_from_hypervisor(raw: Mapping[str, Any], tags: Mapping[str, str] | Non
         raise InvalidDevicesJson(str(exc)) from None
     dev_type = raw.get("dev_type", DEV_TYPE_PCI)
     if dev_type not in DEV_TYPES:
-        raise InvalidDevicesJson(f"{where}: dev_type must be one of {', '.join(DEV_TYPES)}, got {dev_type!r}")
+        raise InvalidDevicesJson(f"{where}: dev_type must be one of {', '.join(DEV_TYPES)}, got {shown(dev_type)}")
     parent_addr = raw.get("parent_addr")
     if dev_type == DEV_TYPE_VF:
         if parent_addr is None:
@@ -221,7 +223,7 @@ def device_from_hypervisor(raw: Mapping[str, Any], tags: Mapping[str, str] | Non
     for key in ("dev_id", "label", "devname", "parent_devname"):
         value = raw.get(key)
         if value is not None and (not isinstance(value, str) or not value or len(value) > 64):
-            raise InvalidDevicesJson(f"{where}: {key} must be a short string, got {value!r}")
+            raise InvalidDevicesJson(f"{where}: {key} must be a short string, got {shown(value)}")
         strings[key] = value
     return PciDevice(
         address=address,
@@ -243,9 +245,9 @@ def _optional_int(value: object, what: str, allow_negative_one: bool = False) ->
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidDevicesJson(f"{what} must be an integer or null, got {value!r}")
+        raise InvalidDevicesJson(f"{what} must be an integer or null, got {shown(value)}")
     if allow_negative_one and value == -1:
         return None
     if not 0 <= value < 1 << 31:
-        raise InvalidDevicesJson(f"{what} must be 0 .. 2**31-1, got {value}")
+        raise InvalidDevicesJson(f"{what} must be 0 .. 2**31-1, got {shown(value)}")
     return value

@@ -49,6 +49,7 @@ from functools import lru_cache
 from types import MappingProxyType
 from typing import Any
 
+from .._shown import shown
 from ..errors import InvalidDevicesJson, InvalidDeviceSpec, InvalidPciAddress
 from .address import (
     MAX_BUS,
@@ -163,11 +164,11 @@ AddressMatcher = AnyAddress | GlobAddress | RegexAddress | ExactAddresses
 
 def _hex_part(text: str, name: str, limit: int, where: str) -> int:
     if not _HEX_RE.fullmatch(text):
-        raise InvalidDeviceSpec(f"{where}: address {name} {text!r} is not a hex number or '*'")
+        raise InvalidDeviceSpec(f"{where}: address {name} {shown(text)} is not a hex number or '*'")
     value = int(text, 16)
     if value > limit:
         raise InvalidDeviceSpec(
-            f"{where}: address {name} {text!r} is greater than the maximum allowed value ({limit:#x})"
+            f"{where}: address {name} {shown(text)} is greater than the maximum allowed value ({limit:#x})"
         )
     return value
 
@@ -185,11 +186,13 @@ def parse_glob(text: str, where: str = "device_spec") -> AddressMatcher:
     A glob without any ``*`` names one device and becomes an
     :class:`ExactAddresses` (so it also covers that PF's VFs, and is indexed).
     """
+    if not isinstance(text, str):
+        raise InvalidDeviceSpec(f"{where}: address glob must be a string, got {type(text).__name__}")
     dbs, _, func = text.partition(".")
     function = _glob_part(func, "function", MAX_FUNCTION, where)
     fields = dbs.split(":") if dbs.strip() else []
     if len(fields) > 3:
-        raise InvalidDeviceSpec(f"{where}: address {text!r} has more than three ':'-separated parts before '.'")
+        raise InvalidDeviceSpec(f"{where}: address {shown(text)} has more than three ':'-separated parts before '.'")
     fields = [ANY] * (3 - len(fields)) + fields
     domain = _glob_part(fields[0], "domain", MAX_DOMAIN, where)
     bus = _glob_part(fields[1], "bus", MAX_BUS, where)
@@ -200,17 +203,17 @@ def parse_glob(text: str, where: str = "device_spec") -> AddressMatcher:
 
 
 def _parse_regex_dict(raw: Mapping[str, Any], where: str) -> AddressMatcher:
-    unknown = sorted(set(raw) - set(_REGEX_PARTS))
+    unknown = sorted(shown(key) for key in set(raw) - set(_REGEX_PARTS))
     if unknown:
         raise InvalidDeviceSpec(
-            f"{where}: unknown address key(s) {', '.join(map(repr, unknown))} "
+            f"{where}: unknown address key(s) {', '.join(unknown)} "
             f"(expected {', '.join(_REGEX_PARTS)})"
         )
     texts: list[str] = []
     for name in _REGEX_PARTS:
         value = raw.get(name, REGEX_ANY)
         if not isinstance(value, str):
-            raise InvalidDeviceSpec(f"{where}: address {name} must be a regex string, got {value!r}")
+            raise InvalidDeviceSpec(f"{where}: address {name} must be a regex string, got {shown(value)}")
         if value == "":
             raise InvalidDeviceSpec(f"{where}: address {name} regex is empty (use '.*' for any)")
         texts.append(value)
@@ -224,8 +227,11 @@ def _parse_regex_dict(raw: Mapping[str, Any], where: str) -> AddressMatcher:
     for name, text in zip(_REGEX_PARTS, texts):
         try:
             compiled.append(re.compile(text, re.IGNORECASE))
-        except re.error as exc:
-            raise InvalidDeviceSpec(f"{where}: address {name} {text!r} is not a valid regex: {exc}") from None
+        except (re.error, RecursionError, OverflowError) as exc:
+            # Python's regex parser recurses per group ("((((...": RecursionError) and refuses
+            # repeat counts beyond 2**32 ("a{4294967296}": OverflowError)
+            reason = "its groups nest too deeply" if isinstance(exc, RecursionError) else str(exc)
+            raise InvalidDeviceSpec(f"{where}: address {name} {shown(text)} is not a valid regex: {reason}") from None
     return RegexAddress((compiled[0], compiled[1], compiled[2], compiled[3]))
 
 
@@ -250,7 +256,7 @@ def _parse_address(raw: Any, where: str) -> AddressMatcher:
         return _parse_address_list(raw, where)
     raise InvalidDeviceSpec(
         f"{where}: address must be a glob string, a dict of regexes or a list of addresses, "
-        f"got {type(raw).__name__} {raw!r}"
+        f"got {type(raw).__name__} {shown(raw)}"
     )
 
 
@@ -259,12 +265,12 @@ def _parse_address(raw: Any, where: str) -> AddressMatcher:
 def _parse_id(raw: Any, key: str, where: str) -> str:
     """``"8086"``, ``"*"``; like Nova, 1-4 hex digits in either case, kept as 4 lowercase."""
     if not isinstance(raw, str):
-        raise InvalidDeviceSpec(f"{where}: {key} must be a string of hex digits or '*', got {raw!r}")
+        raise InvalidDeviceSpec(f"{where}: {key} must be a string of hex digits or '*', got {shown(raw)}")
     text = raw.strip()
     if text == ANY:
         return ANY
     if not _HEX_RE.fullmatch(text) or len(text) > 4:
-        raise InvalidDeviceSpec(f"{where}: {key} {raw!r} is not a hex id of at most 4 digits (or '*')")
+        raise InvalidDeviceSpec(f"{where}: {key} {shown(raw)} is not a hex id of at most 4 digits (or '*')")
     return f"{int(text, 16):04x}"
 
 
@@ -272,22 +278,24 @@ def _parse_devname(raw: Any, where: str) -> str:
     if not isinstance(raw, str) or not raw or len(raw) > IFNAMSIZ or any(c.isspace() or c in "/:" for c in raw):
         raise InvalidDeviceSpec(
             f"{where}: devname must be a network interface name (1-{IFNAMSIZ} characters, "
-            f"no whitespace, '/' or ':'), got {raw!r}"
+            f"no whitespace, '/' or ':'), got {shown(raw)}"
         )
     return raw
 
 
 def _parse_tag(name: str, value: Any, where: str) -> str | None:
     if not TAG_NAME_RE.fullmatch(name):
-        raise InvalidDeviceSpec(f"{where}: tag name {name!r} must match {TAG_NAME_RE.pattern}")
+        raise InvalidDeviceSpec(f"{where}: tag name {shown(name)} must match {TAG_NAME_RE.pattern}")
     if name in _RESERVED_TAGS:
-        raise InvalidDeviceSpec(f"{where}: {name!r} is not a device_spec key (it comes from the hypervisor)")
+        raise InvalidDeviceSpec(f"{where}: {shown(name)} is not a device_spec key (it comes from the hypervisor)")
     if isinstance(value, bool):
         return "true" if value else "false"
     if value is None:
         return None  # Nova's docs write "physical_network": null: no such tag
     if not isinstance(value, str):
-        raise InvalidDeviceSpec(f"{where}: tag {name!r} must be a string, got {type(value).__name__} {value!r}")
+        raise InvalidDeviceSpec(
+            f"{where}: tag {shown(name)} must be a string, got {type(value).__name__} {shown(value)}"
+        )
     return value
 
 
@@ -300,7 +308,7 @@ def _bool_tag(tags: Mapping[str, str], name: str, where: str) -> bool:
         return True
     if word in _FALSE_WORDS:
         return False
-    raise InvalidDeviceSpec(f"{where}: tag {name!r} must be 'true' or 'false', got {value!r}")
+    raise InvalidDeviceSpec(f"{where}: tag {shown(name)} must be 'true' or 'false', got {shown(value)}")
 
 
 @dataclass(frozen=True)
@@ -319,7 +327,7 @@ class DeviceSpecEntry:
     def from_dict(cls, raw: Any, where: str = "device_spec entry") -> DeviceSpecEntry:
         """Validate one entry (a dict as in nova.conf); errors start with ``where``."""
         if not isinstance(raw, Mapping):
-            raise InvalidDeviceSpec(f"{where}: expected a JSON object, got {type(raw).__name__} {raw!r}")
+            raise InvalidDeviceSpec(f"{where}: expected a JSON object, got {type(raw).__name__} {shown(raw)}")
         for key in raw:
             if not isinstance(key, str):
                 raise InvalidDeviceSpec(f"{where}: key {key!r} is not a string")
@@ -393,17 +401,19 @@ def _device_addresses(dev: Mapping[str, Any]) -> tuple[PciAddress, str, str | No
         raise InvalidDevicesJson(f"a device must be a JSON object, got {type(dev).__name__}")
     raw = dev.get("address")
     if not isinstance(raw, str):
-        raise InvalidDevicesJson(f"device {dev.get('dev_id', dev)!r}: 'address' must be a string, got {raw!r}")
+        raise InvalidDevicesJson(
+            f"device {shown(dev.get('dev_id', dev))}: 'address' must be a string, got {shown(raw)}"
+        )
     try:
         addr, addr_s = _canonical(raw)
         parent = dev.get("parent_addr")
         if parent is None or parent == "":
             return addr, addr_s, None
         if not isinstance(parent, str):
-            raise InvalidPciAddress(f"parent_addr must be a string, got {parent!r}")
+            raise InvalidPciAddress(f"parent_addr must be a string, got {shown(parent)}")
         return addr, addr_s, _canonical(parent)[1]
     except InvalidPciAddress as exc:
-        raise InvalidDevicesJson(f"device {raw!r}: {exc}") from None
+        raise InvalidDevicesJson(f"device {shown(raw)}: {exc}") from None
 
 
 # --- the whole list --------------------------------------------------------------
@@ -412,8 +422,7 @@ def _load_json(text: str, where: str) -> Any:
     try:
         return json.loads(text)
     except (ValueError, RecursionError) as exc:
-        shown = text if len(text) <= 80 else text[:77] + "..."
-        raise InvalidDeviceSpec(f"{where} is not valid JSON: {exc}: {shown!r}") from None
+        raise InvalidDeviceSpec(f"{where} is not valid JSON: {exc}: {shown(text, 82)}") from None
 
 
 def _flatten(entries: ConfigItem | None) -> Iterator[tuple[Any, str]]:
@@ -439,7 +448,7 @@ def _flatten(entries: ConfigItem | None) -> Iterator[tuple[Any, str]]:
         elif isinstance(item, Mapping):
             yield item, where
         else:
-            raise InvalidDeviceSpec(f"{where}: expected a JSON object or a list of objects, got {item!r}")
+            raise InvalidDeviceSpec(f"{where}: expected a JSON object or a list of objects, got {shown(item)}")
 
 
 class Whitelist:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from .._shown import shown
 from ..errors import AliasNotDefined, InvalidAlias, InvalidPciRequest
 from .address import DEV_TYPES
 from .devspec import TAG_NAME_RE
@@ -81,6 +82,7 @@ ALIAS_NAME_MAX = 256  # Nova's schema
 _ID_RE = re.compile(r"[0-9a-fA-F]{4}")
 _LOWER_ID_RE = re.compile(r"[0-9a-f]{4}")
 _COUNT_RE = re.compile(r"[0-9]+")
+_MAX_COUNT_DIGITS = 4000  # significant digits; below the 4300 digits Python's int() accepts
 _TRUE_WORDS = frozenset({"1", "t", "true", "on", "y", "yes"})
 _FALSE_WORDS = frozenset({"0", "f", "false", "off", "n", "no"})
 # Keys of a request spec compared with the device record; every other key is a tag.
@@ -124,26 +126,26 @@ Alias = AliasSpec  # the name the design notes use
 
 def _alias_name(raw: Any, where: str) -> str:
     if not isinstance(raw, str):
-        raise InvalidAlias(f"{where}: 'name' must be a string, got {raw!r}")
+        raise InvalidAlias(f"{where}: 'name' must be a string, got {shown(raw)}")
     name = raw.strip()
     if not name:
         raise InvalidAlias(f"{where}: 'name' is empty")
     if len(name) > ALIAS_NAME_MAX:
         raise InvalidAlias(f"{where}: 'name' is longer than {ALIAS_NAME_MAX} characters")
     if ":" in name or "," in name:
-        raise InvalidAlias(f"{where}: 'name' {name!r} must not contain ':' or ',' (they separate the extra spec)")
+        raise InvalidAlias(f"{where}: 'name' {shown(name)} must not contain ':' or ',' (they separate the extra spec)")
     return name
 
 
 def _alias_id(raw: Any, key: str, where: str) -> str:
     if not isinstance(raw, str) or not _ID_RE.fullmatch(raw):
-        raise InvalidAlias(f"{where}: {key!r} must be 4 hex digits, got {raw!r}")
+        raise InvalidAlias(f"{where}: {key!r} must be 4 hex digits, got {shown(raw)}")
     return raw.lower()
 
 
 def _choice(raw: Any, key: str, allowed: Sequence[str], where: str) -> str:
     if not isinstance(raw, str) or raw not in allowed:
-        raise InvalidAlias(f"{where}: {key!r} must be one of {', '.join(allowed)}, got {raw!r}")
+        raise InvalidAlias(f"{where}: {key!r} must be one of {', '.join(allowed)}, got {shown(raw)}")
     return raw
 
 
@@ -155,7 +157,7 @@ def _bool_word(raw: Any, key: str, where: str) -> str:
         return "true"
     if word in _FALSE_WORDS:
         return "false"
-    raise InvalidAlias(f"{where}: {key!r} must be true or false, got {raw!r}")
+    raise InvalidAlias(f"{where}: {key!r} must be true or false, got {shown(raw)}")
 
 
 def _alias_extra(key: str, raw: Any, where: str) -> str:
@@ -168,7 +170,7 @@ def _alias_extra(key: str, raw: Any, where: str) -> str:
     if isinstance(raw, bool):
         return "true" if raw else "false"
     if not isinstance(raw, str):
-        raise InvalidAlias(f"{where}: extra key {key!r} must have a string value, got {raw!r}")
+        raise InvalidAlias(f"{where}: extra key {key!r} must have a string value, got {shown(raw)}")
     return raw
 
 
@@ -181,14 +183,14 @@ def parse_alias(raw: Any, where: str = "alias") -> AliasSpec:
 
 def _alias_from_object(raw: Any, where: str) -> AliasSpec:
     if not isinstance(raw, Mapping):
-        raise InvalidAlias(f"{where}: expected a JSON object, got {type(raw).__name__} {raw!r}")
+        raise InvalidAlias(f"{where}: expected a JSON object, got {type(raw).__name__} {shown(raw)}")
     for key in raw:
         if not isinstance(key, str):
             raise InvalidAlias(f"{where}: key {key!r} is not a string")
     if "name" not in raw:
         raise InvalidAlias(f"{where}: 'name' is required")
     name = _alias_name(raw["name"], where)
-    where = f"{where} ({name!r})"
+    where = f"{where} ({shown(name)})"
     if "capability_type" in raw:
         _choice(raw["capability_type"], "capability_type", ("pci",), where)
     device_type = raw.get("device_type")
@@ -253,11 +255,11 @@ def parse_aliases(config: Any) -> dict[str, list[AliasSpec]]:
 
 def _check_spec(spec: Any, where: str) -> list[dict[str, str]]:
     if not isinstance(spec, list) or not spec:
-        raise InvalidPciRequest(f"{where}: 'spec' must be a non-empty list of alternatives, got {spec!r}")
+        raise InvalidPciRequest(f"{where}: 'spec' must be a non-empty list of alternatives, got {shown(spec)}")
     checked = []
     for index, alternative in enumerate(spec):
         if not isinstance(alternative, Mapping):
-            raise InvalidPciRequest(f"{where}: spec[{index}] must be an object, got {alternative!r}")
+            raise InvalidPciRequest(f"{where}: spec[{index}] must be an object, got {shown(alternative)}")
         for key, value in alternative.items():
             _check_spec_pair(key, value, f"{where}: spec[{index}]")
         checked.append(dict(alternative))
@@ -268,11 +270,11 @@ def _check_spec_pair(key: Any, value: Any, where: str) -> None:
     if not isinstance(key, str) or not TAG_NAME_RE.fullmatch(key):
         raise InvalidPciRequest(f"{where}: key {key!r} must match {TAG_NAME_RE.pattern}")
     if not isinstance(value, str):
-        raise InvalidPciRequest(f"{where}: {key!r} must be a string, got {value!r}")
+        raise InvalidPciRequest(f"{where}: {key!r} must be a string, got {shown(value)}")
     if key in ("vendor_id", "product_id") and not _LOWER_ID_RE.fullmatch(value):
-        raise InvalidPciRequest(f"{where}: {key!r} must be 4 lowercase hex digits, got {value!r}")
+        raise InvalidPciRequest(f"{where}: {key!r} must be 4 lowercase hex digits, got {shown(value)}")
     if key == "dev_type" and value not in DEV_TYPES:
-        raise InvalidPciRequest(f"{where}: 'dev_type' must be one of {', '.join(DEV_TYPES)}, got {value!r}")
+        raise InvalidPciRequest(f"{where}: 'dev_type' must be one of {', '.join(DEV_TYPES)}, got {shown(value)}")
 
 
 def _check_request_id(value: Any, where: str) -> str | None:
@@ -283,7 +285,7 @@ def _check_request_id(value: Any, where: str) -> str | None:
             return value
     except ValueError:
         pass
-    raise InvalidPciRequest(f"{where}: 'request_id' must be a lowercase canonical UUID or null, got {value!r}")
+    raise InvalidPciRequest(f"{where}: 'request_id' must be a lowercase canonical UUID or null, got {shown(value)}")
 
 
 @dataclass
@@ -303,19 +305,22 @@ class InstancePciRequest:
     source: str = SOURCE_FLAVOR
 
     def __post_init__(self) -> None:
-        where = f"PCI request {self.alias_name or self.request_id or ''}".rstrip()
+        label = self.alias_name or self.request_id or ""
+        where = f"PCI request {label if isinstance(label, str) else shown(label)}".rstrip()
         if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1:
-            raise InvalidPciRequest(f"{where}: 'count' must be a positive integer, got {self.count!r}")
+            raise InvalidPciRequest(f"{where}: 'count' must be a positive integer, got {shown(self.count)}")
         self.spec = _check_spec(self.spec, where)
         if self.alias_name is not None and (not isinstance(self.alias_name, str) or not self.alias_name):
-            raise InvalidPciRequest(f"{where}: 'alias_name' must be a non-empty string or null, got {self.alias_name!r}")
+            raise InvalidPciRequest(
+                f"{where}: 'alias_name' must be a non-empty string or null, got {shown(self.alias_name)}"
+            )
         if self.numa_policy not in NUMA_POLICIES:
             raise InvalidPciRequest(
-                f"{where}: 'numa_policy' must be one of {', '.join(NUMA_POLICIES)}, got {self.numa_policy!r}"
+                f"{where}: 'numa_policy' must be one of {', '.join(NUMA_POLICIES)}, got {shown(self.numa_policy)}"
             )
         self.request_id = _check_request_id(self.request_id, where)
         if self.source not in SOURCES:
-            raise InvalidPciRequest(f"{where}: 'source' must be one of {', '.join(SOURCES)}, got {self.source!r}")
+            raise InvalidPciRequest(f"{where}: 'source' must be one of {', '.join(SOURCES)}, got {shown(self.source)}")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -334,8 +339,8 @@ class InstancePciRequest:
     def from_dict(cls, raw: Any) -> InstancePciRequest:
         """Rebuild a stored request; anything malformed is :class:`InvalidPciRequest`."""
         if not isinstance(raw, Mapping):
-            raise InvalidPciRequest(f"a stored PCI request must be an object, got {raw!r}")
-        unknown = sorted(str(k) for k in set(raw) - _REQUEST_KEYS)
+            raise InvalidPciRequest(f"a stored PCI request must be an object, got {shown(raw)}")
+        unknown = sorted(k if isinstance(k, str) else shown(k) for k in set(raw) - _REQUEST_KEYS)
         if unknown:
             raise InvalidPciRequest(f"stored PCI request has unknown key(s): {', '.join(unknown)}")
         for key in ("count", "spec"):
@@ -372,30 +377,33 @@ def requests_from_json(text: str | bytes) -> list[InstancePciRequest]:
 
 def _parse_count(text: str, name: str, pair: str) -> int:
     count = text.strip()
-    if not _COUNT_RE.fullmatch(count) or int(count) < 1:
+    # ASCII digits only (str.isdigit() and int() also take '١٢'); and never int() a text beyond
+    # Python's 4300-digit limit (a ValueError), nor spend time on one when the limit is lifted.
+    digits = count.lstrip("0") if _COUNT_RE.fullmatch(count) else ""
+    if not digits or len(digits) > _MAX_COUNT_DIGITS:
         raise InvalidPciRequest(
-            f"{ALIAS_EXTRA_SPEC}: count {text.strip()!r} for alias {name!r} in {pair.strip()!r} "
+            f"{ALIAS_EXTRA_SPEC}: count {shown(count)} for alias {shown(name)} in {shown(pair.strip())} "
             "is not a positive integer"
         )
-    return int(count)
+    return int(digits)
 
 
 def _parse_alias_extra_spec(value: Any) -> list[tuple[str, int]]:
     """``"name:count, name:count"`` -> [(name, count)], rejecting every malformed form."""
     if not isinstance(value, str):
-        raise InvalidPciRequest(f"{ALIAS_EXTRA_SPEC} must be a string 'name:count[, ...]', got {value!r}")
+        raise InvalidPciRequest(f"{ALIAS_EXTRA_SPEC} must be a string 'name:count[, ...]', got {shown(value)}")
     pairs: list[tuple[str, int]] = []
     seen: set[str] = set()
     for pair in value.split(","):
         parts = pair.split(":")
         if len(parts) != 2 or not parts[0].strip():
             raise InvalidPciRequest(
-                f"{ALIAS_EXTRA_SPEC}: {pair.strip()!r} in {value!r} is not 'name:count'"
+                f"{ALIAS_EXTRA_SPEC}: {shown(pair.strip())} in {shown(value)} is not 'name:count'"
             )
         name = parts[0].strip()
         count = _parse_count(parts[1], name, pair)
         if name in seen:
-            raise InvalidPciRequest(f"{ALIAS_EXTRA_SPEC}: alias {name!r} appears more than once in {value!r}")
+            raise InvalidPciRequest(f"{ALIAS_EXTRA_SPEC}: alias {shown(name)} appears more than once in {shown(value)}")
         seen.add(name)
         pairs.append((name, count))
     return pairs
@@ -430,13 +438,17 @@ def get_pci_requests_from_flavor(
         return []
     if affinity_policy is not None and affinity_policy not in NUMA_POLICIES:
         raise InvalidPciRequest(
-            f"PCI NUMA affinity policy must be one of {', '.join(NUMA_POLICIES)}, got {affinity_policy!r}"
+            f"PCI NUMA affinity policy must be one of {', '.join(NUMA_POLICIES)}, got {shown(affinity_policy)}"
         )
+    if not isinstance(aliases, Mapping):
+        raise InvalidAlias(f"aliases must map alias names to their alternatives, got {type(aliases).__name__}")
     requests = []
     for name, count in _parse_alias_extra_spec(specs[ALIAS_EXTRA_SPEC]):
         alternatives = aliases.get(name)
         if not alternatives:
-            raise AliasNotDefined(f"PCI alias {name!r} is not defined")
+            raise AliasNotDefined(f"PCI alias {shown(name)} is not defined")
+        if not isinstance(alternatives, Sequence) or not all(isinstance(a, AliasSpec) for a in alternatives):
+            raise InvalidAlias(f"alias {shown(name)}: alternatives must be a list of AliasSpec (see parse_aliases)")
         requests.append(
             InstancePciRequest(
                 count=count,

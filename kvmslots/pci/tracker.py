@@ -96,7 +96,7 @@ def _cache_key(raw: Any) -> tuple[Any, ...] | None:
             None if caps is None else json.dumps(caps, sort_keys=True),
         )
         hash(key)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):  # unhashable, NaN/huge/odd values, nesting too deep
         return None
     return key
 
