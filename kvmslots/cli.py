@@ -156,6 +156,7 @@ def cmd_plan(args: argparse.Namespace, store: Store, out: Output) -> int:
 
 def cmd_attach(args: argparse.Namespace, store: Store, out: Output) -> int:
     spec = DeviceSpec(args.uuid, args.type, args.driver, _parse_props(args.prop), args.bus, args.slot)
+    hotplug.refuse_raw_passthrough(spec)  # bad usage, found before QEMU is contacted
     device = _with_monitor(args, lambda mon: hotplug.hot_add(store, mon, args.vm, spec))
     out.emit(_device_json(device), f"attached {device.qemu_id} at {device.bus} slot {device.slot}")
     return 0

@@ -115,7 +115,7 @@ async def plan_boot(
         new_claims: list[str] = []
         try:
             for spec in devices:
-                _refuse_raw_passthrough(spec)
+                refuse_raw_passthrough(spec)
                 if isinstance(spec, PassthroughSpec):
                     address = _host_for_boot(name, spec, stored.get(spec.uuid), host, new_claims)
                     specs.append(spec.guest_spec(address))
@@ -139,7 +139,7 @@ def _require_host(vm: str, devices: Iterable[Device], host: HostDevices | None, 
         raise InvalidPciRequest(f"VM {vm!r} has passthrough devices: {what} needs host=HostDevices(tracker)")
 
 
-def _refuse_raw_passthrough(spec: DeviceSpec | PassthroughSpec) -> None:
+def refuse_raw_passthrough(spec: DeviceSpec | PassthroughSpec) -> None:
     """A host device reaches a guest only through the tracker (PassthroughSpec), never directly."""
     if isinstance(spec, DeviceSpec) and is_passthrough_driver(spec.driver):
         raise InvalidDriver(
@@ -248,7 +248,7 @@ async def hot_add(
     id ``hostdev-<uuid8>-pci-<slot>``, and its claim becomes an allocation;
     on failure the host device is freed with the slot.
     """
-    _refuse_raw_passthrough(spec)
+    refuse_raw_passthrough(spec)
     if isinstance(spec, PassthroughSpec) and host is None:
         raise InvalidPciRequest(f"Passthrough device {spec.uuid} needs host=HostDevices(tracker)")
     undo_timeout = validate_timeout(undo_timeout, "undo_timeout")
@@ -381,7 +381,7 @@ async def hot_add_many(
     """
     specs = list(specs)
     for spec in specs:
-        _refuse_raw_passthrough(spec)
+        refuse_raw_passthrough(spec)
         if not isinstance(spec, DeviceSpec):
             raise InvalidPciRequest("hot_add_many takes DeviceSpec only; add passthrough devices with hot_add")
     if len({spec.uuid for spec in specs}) != len(specs):

@@ -338,6 +338,12 @@ def test_item8_help_is_never_a_property_or_a_driver(props):
         DeviceSpec(U[1], "nic", "help")
 
 
+def test_item8_cli_refuses_a_passthrough_driver_before_contacting_qemu(tmp_path, capsys):
+    code, _, err = cli(capsys, "--state", str(tmp_path / "s"), "attach", "vm1", "--qmp", str(tmp_path / "none"),
+                       "--type", "nic", "--uuid", U[1], "--driver", "vfio-pci-nohotplug")
+    assert code == 2 and "passes a host device" in err
+
+
 def test_item8_cli_help_property_is_exit_2(tmp_path, capsys):
     code, _, err = cli(capsys, "--state", str(tmp_path / "s"), "plan", "vm1",
                        "--device", f"nic:{U[1]}:virtio-net-pci:help=1")
