@@ -40,7 +40,7 @@ from .errors import (
     VerificationFailed,
 )
 from .model import Device, DeviceSpec, DeviceState, VMSpec
-from .monitor import ALREADY_UNPLUGGING, Monitor, MonitorLike, validate_timeout
+from .monitor import Monitor, MonitorLike, validate_timeout
 from .passthrough import HostDevices, PassthroughSpec, holds_host_device, is_passthrough
 from .pciview import PciFunction, PciOccupancy
 from .slots import SlotMap
@@ -845,8 +845,7 @@ def _reconcile_view(store: Store, vm: str, view: PciOccupancy) -> tuple[Reconcil
         devices = txn.devices(vm)
         requested = txn.unplug_requested(vm)
         for device in devices:
-            if _reconcile_device(txn, vm, device, view, report) and device.uuid not in requested:
-                report.pending.remove(device.qemu_id)  # decided by _resend_unplug
+            if _reconcile_device(txn, vm, device, view, report, requested):
                 unsent.append(device)
         report.unknown = _unknown_devices(vm_spec, devices, view)
     return report, unsent
@@ -859,18 +858,14 @@ async def _resend_unplug(
     recorder = _UnplugRecorder(store, vm, device.uuid)
     try:
         deleted = await monitor.device_del(device.qemu_id, wait, recorder)
-    except QemuCommandError as exc:
-        if exc.error_class == "DeviceNotFound":
+    except (QemuCommandError, UnplugGuestError) as exc:
+        if isinstance(exc, QemuCommandError) and exc.error_class == "DeviceNotFound":
             deleted = True
-        else:  # QEMU will not unplug it (e.g. the bus has no hotplug): it stays, and is ours
-            log.warning("device_del of %s refused during reconcile: %s", device.qemu_id, exc.qemu_message)
+        else:  # QEMU or the guest will not unplug it (e.g. a bus without hotplug): it stays, and is ours
+            log.warning("Unplug of %s refused during reconcile: %s", device.qemu_id, exc.qemu_message)
             _restore(store, vm, device.uuid, DeviceState.ATTACHED)
             report.restored.append(device.qemu_id)
             return
-    except UnplugGuestError:
-        _restore(store, vm, device.uuid, DeviceState.ATTACHED)
-        report.restored.append(device.qemu_id)
-        return
     if recorder.sent and not recorder.already:
         report.resent.append(device.qemu_id)  # said even when the eject follows at once
     if deleted:
@@ -881,9 +876,10 @@ async def _resend_unplug(
 
 
 def _reconcile_device(
-    txn: Transaction, vm: str, device: Device, view: PciOccupancy, report: ReconcileReport
+    txn: Transaction, vm: str, device: Device, view: PciOccupancy, report: ReconcileReport, requested: set[str]
 ) -> bool:
-    """Apply one row of the table; True when the device is detaching and QEMU still has it."""
+    """Apply one row of the table; True for a detaching device QEMU still has whose unplug was
+    never sent (*requested*: the UUIDs whose unplug QEMU has)."""
     live = view.find(device.qemu_id)
     if live is None and view.has(device.qemu_id):
         # QEMU has the device but shows it on no bus (a bridge the firmware has not numbered
@@ -904,8 +900,9 @@ def _reconcile_device(
             txn.set_state(vm, device.uuid, DeviceState.ATTACHED)
             report.attached.append(qid)
         elif state is DeviceState.DETACHING:
+            if device.uuid not in requested:
+                return True  # decided by _resend_unplug
             report.pending.append(qid)
-            return True
     elif state is DeviceState.PLANNED:
         report.not_running.append(qid)
     else:
