@@ -23,7 +23,7 @@ from . import hotplug
 from .devid import PropValue, validate_uuid, validate_vm_name
 from .errors import KvmSlotsError, ValidationError
 from .model import ROOT_BUS, Device, DeviceSpec, DeviceState, VMSpec
-from .monitor import Monitor, validate_timeout
+from .monitor import Monitor, command_timeout_from_env, validate_timeout
 from .pciview import PciOccupancy
 from .slots import DEFAULT_PCI_RESERVATIONS, NUM_SLOTS, SlotMap
 from .store import Store
@@ -499,11 +499,13 @@ def _validate_early(args: argparse.Namespace) -> None:
         validate_uuid(args.uuid)
     if getattr(args, "timeout", None) is not None:
         args.timeout = _seconds(args.timeout, "--timeout")
-    args.qmp_timeout = None if args.qmp_timeout is None else _seconds(args.qmp_timeout, "--qmp-timeout", allow_zero=False)
+    args.qmp_timeout = (
+        command_timeout_from_env()
+        if args.qmp_timeout is None
+        else _seconds(args.qmp_timeout, "--qmp-timeout", allow_zero=False)
+    )
     args.connect_timeout = _seconds(os.environ.get("KVMSLOTS_CONNECT_TIMEOUT", "30"), "$KVMSLOTS_CONNECT_TIMEOUT",
                                     allow_zero=False)
-    if args.qmp_timeout is None and os.environ.get("KVMSLOTS_QMP_TIMEOUT"):
-        args.qmp_timeout = _seconds(os.environ["KVMSLOTS_QMP_TIMEOUT"], "$KVMSLOTS_QMP_TIMEOUT", allow_zero=False)
 
 
 def _one_line(exc: BaseException) -> str:

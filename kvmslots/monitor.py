@@ -52,6 +52,7 @@ __all__ = [
     "DEFAULT_COMMAND_TIMEOUT",
     "MAX_WAIT",
     "validate_timeout",
+    "command_timeout_from_env",
 ]
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,8 @@ def validate_timeout(value: object, what: str = "timeout", *, allow_zero: bool =
     return seconds
 
 
-def _default_command_timeout() -> float:
+def command_timeout_from_env() -> float:
+    """``$KVMSLOTS_QMP_TIMEOUT`` validated, else :data:`DEFAULT_COMMAND_TIMEOUT`."""
     text = os.environ.get("KVMSLOTS_QMP_TIMEOUT")
     if not text:
         return DEFAULT_COMMAND_TIMEOUT
@@ -118,7 +120,7 @@ class Monitor:
         self.address = str(Path(address))
         self.connect_timeout = validate_timeout(connect_timeout, "connect_timeout", allow_zero=False)
         self.command_timeout = (
-            _default_command_timeout()
+            command_timeout_from_env()
             if command_timeout is None
             else validate_timeout(command_timeout, "command_timeout", allow_zero=False)
         )
@@ -159,14 +161,12 @@ class Monitor:
                         # qemu.qmp asserts RUNNING at the end of connect(): a connection that
                         # closes right after the handshake fails that assertion.  Either way:
                         # a fresh client for the next attempt.
-                        await self.close()
-                        self._qmp = QMPClient("kvmslots")
+                        await self._reset()
                         if isinstance(exc, (ConnectError, OSError)):
                             raise
                         raise ConnectionResetError(f"the monitor closed during the handshake: {exc!r}") from exc
                     if not self.connected:  # closed just after the handshake
-                        await self.close()
-                        self._qmp = QMPClient("kvmslots")
+                        await self._reset()
                         raise ConnectionResetError("the monitor closed right after the handshake")
         except (ConnectError, OSError, asyncio.TimeoutError) as exc:
             why = (
@@ -181,9 +181,13 @@ class Monitor:
 
     async def reconnect(self) -> None:
         """Drop whatever is left of the connection and connect again (after a lost connection)."""
+        await self._reset()
+        await self.connect()
+
+    async def _reset(self) -> None:
+        """Close what is left of the connection and start from a fresh client."""
         await self.close()
         self._qmp = QMPClient("kvmslots")
-        await self.connect()
 
     async def close(self) -> None:
         """Disconnect; a connection that already died is not an error here, nor one that hangs."""
