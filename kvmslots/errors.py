@@ -29,11 +29,15 @@ __all__ = [
     "SlotsExhausted",
     "SlotOccupied",
     "SlotReserved",
+    "NoHotplugPort",
+    "InvalidFunction",
+    "UnsupportedMachine",
     "StateError",
     "UnknownVM",
     "UnknownDevice",
     "DeviceExists",
     "StateConflict",
+    "InvalidTransition",
     "StateImportError",
     "VMBusy",
     "StateCorrupt",
@@ -46,6 +50,11 @@ __all__ = [
     "DeviceAddFailed",
     "VerificationFailed",
     "UnplugGuestError",
+    "QemuIncompatible",
+    "QemuTooOld",
+    "QemuCommandMissing",
+    "BusNotHotpluggable",
+    "MachineMismatch",
     "PciError",
     "InvalidPciAddress",
     "InvalidDeviceSpec",
@@ -111,6 +120,23 @@ class InvalidProperty(ValidationError):
     """An extra QEMU device property has a bad name or value."""
 
 
+class InvalidFunction(ValidationError):
+    """A PCI function number is not 0-7, or a multifunction group is malformed."""
+
+
+class UnsupportedMachine(ValidationError):
+    """The machine type is not one kvmslots places devices on, or this QEMU does not have it.
+
+    ``machine`` is the name asked for; ``known`` the names QEMU offers, when
+    they were asked for (empty otherwise).
+    """
+
+    def __init__(self, message: str, machine: object, known: tuple[str, ...] = ()) -> None:
+        self.machine = machine
+        self.known = known
+        super().__init__(message)
+
+
 class InvalidTimeout(ValidationError):
     """A timeout is not a finite number of seconds within the accepted range."""
 
@@ -122,12 +148,38 @@ class SlotError(KvmSlotsError):
 
 
 class SlotsExhausted(SlotError):
-    """Every slot of the bus is masked, reserved or occupied."""
+    """Every slot of the bus (or of every bus that could take the device) is taken.
 
-    def __init__(self, bus: str | None = None) -> None:
+    ``bus`` is the bus, or None when several were tried; ``hint`` says what
+    would make room (a spare bridge, more hotplug ports), when something would.
+    """
+
+    def __init__(self, bus: str | None = None, hint: str | None = None, *, vm: str | None = None) -> None:
         self.bus = bus
+        self.hint = hint
+        self.vm = vm
         where = f" on bus {bus}" if bus else ""
-        super().__init__(f"All PCI slots occupied{where}")
+        text = f"All PCI slots occupied{where}"
+        if vm:
+            text = f"VM {vm!r}: {text[0].lower()}{text[1:]}"
+        super().__init__(text + (f"; {hint}" if hint else ""))
+
+
+class NoHotplugPort(SlotsExhausted):
+    """A q35 VM has no free ``pcie-root-port`` left for a hot add.
+
+    Ports can only be added at boot (``pcie.0`` takes no hotplug): plan the VM
+    with more ``hotplug_ports`` (``--hotplug-ports``) and restart it.
+    """
+
+    def __init__(self, vm: str, ports: int) -> None:
+        self.ports = ports
+        super().__init__(
+            None,
+            f"all {ports} pcie-root-port(s) hold a device; plan the VM with more --hotplug-ports "
+            "(hotplug_ports) and boot it again",
+            vm=vm,
+        )
 
 
 class SlotOccupied(SlotError):
@@ -172,6 +224,17 @@ class DeviceExists(StateError):
 
 class StateConflict(StateError):
     """The request contradicts what is stored (e.g. a different slot)."""
+
+
+class InvalidTransition(StateConflict):
+    """A device state change the guest-device state machine does not allow (see ``model.TRANSITIONS``)."""
+
+    def __init__(self, vm: str, uuid: str, state: str, target: str) -> None:
+        self.vm = vm
+        self.uuid = uuid
+        self.state = state
+        self.target = target
+        super().__init__(f"Device {uuid} of VM {vm!r} cannot go from {state!r} to {target!r}")
 
 
 class VMBusy(StateError):
@@ -279,6 +342,53 @@ class UnplugGuestError(HotplugError):
         self.device_id = device_id
         text = f"The guest refused to unplug {device_id}"
         super().__init__(text + (f": {detail}" if detail else ""), detail or None)
+
+
+# --- what the QEMU at the other end can do -------------------------------------
+
+class QemuIncompatible(HotplugError):
+    """The QEMU behind the monitor cannot do what was asked; refused before anything was reserved."""
+
+
+class QemuTooOld(QemuIncompatible):
+    """QEMU is older than the oldest version kvmslots is tested against."""
+
+    def __init__(self, version: tuple[int, int, int], minimum: tuple[int, int, int]) -> None:
+        self.version = version
+        self.minimum = minimum
+        have, need = (".".join(map(str, v)) for v in (version, minimum))
+        super().__init__(f"QEMU {have} is older than {need}, the oldest version kvmslots is tested against")
+
+
+class QemuCommandMissing(QemuIncompatible):
+    """QEMU lacks a QMP command hotplug needs (``device_add``, ``device_del``)."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+        super().__init__(f"QEMU has no QMP command {command!r}; hotplug is impossible through this monitor")
+
+
+class BusNotHotpluggable(QemuIncompatible):
+    """The bus a device would go to takes no hotplug; ``reason`` says why."""
+
+    def __init__(self, bus: str, reason: str, *, vm: str | None = None) -> None:
+        self.bus = bus
+        self.reason = reason
+        self.vm = vm
+        super().__init__(f"Bus {bus!r} does not support hotplug: {reason}")
+
+
+class MachineMismatch(QemuIncompatible):
+    """The running QEMU's machine type is not the one the VM was planned with."""
+
+    def __init__(self, vm: str, planned: str, running: str) -> None:
+        self.vm = vm
+        self.planned = planned
+        self.running = running
+        super().__init__(
+            f"VM {vm!r} was planned for machine {planned!r} but QEMU runs {running!r}; "
+            "its slots would not mean the same thing there"
+        )
 
 
 # --- host PCI passthrough ---------------------------------------------------

@@ -28,7 +28,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Protocol
+from typing import Any, Callable, Collection, Iterator, Mapping, Protocol
 
 import tenacity
 from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, ExecuteError, Message, QMPClient, QMPError, Runstate
@@ -99,7 +99,12 @@ class MonitorLike(Protocol):
     async def device_add(self, arguments: Mapping[str, Any]) -> None: ...
 
     async def device_del(
-        self, qdev_id: str, timeout: float, on_sent: Callable[[bool], None] | None = None
+        self,
+        qdev_id: str,
+        timeout: float,
+        on_sent: Callable[[bool], None] | None = None,
+        *,
+        also: Collection[str] = (),
     ) -> bool: ...
 
 
@@ -127,6 +132,12 @@ class Monitor:
         self._qmp = QMPClient("kvmslots")
         self._has_query_pci: bool | None = None
         self._property_types: dict[str, dict[str, str]] = {}
+        #: Facts about this connection's QEMU, kept until it closes (see :mod:`kvmslots.capabilities`).
+        self.capabilities: Any = None
+        self.bus_hotplug: dict[str, str | None] = {}
+        #: The live placement view as of our last add on this connection: QEMU refuses a
+        #: device_add to a taken address atomically, so hot add reads it again only on a conflict.
+        self.placement_view: PciOccupancy | None = None
 
     async def __aenter__(self) -> "Monitor":
         await self.connect()
@@ -188,6 +199,18 @@ class Monitor:
         """Close what is left of the connection and start from a fresh client."""
         await self.close()
         self._qmp = QMPClient("kvmslots")
+        self.capabilities, self.bus_hotplug, self.placement_view = None, {}, None
+
+    @property
+    def greeting_version(self) -> tuple[int, int, int] | None:
+        """QEMU's version from the QMP greeting of this connection, if it gave one."""
+        greeting = self._qmp.greeting
+        try:
+            qemu = greeting._raw["QMP"]["version"]["qemu"]  # type: ignore[union-attr]
+            version = (int(qemu["major"]), int(qemu["minor"]), int(qemu["micro"]))
+        except (AttributeError, KeyError, TypeError, ValueError):
+            return None
+        return version
 
     async def close(self) -> None:
         """Disconnect; a connection that already died is not an error here, nor one that hangs."""
@@ -318,7 +341,12 @@ class Monitor:
         return self._property_types[driver]
 
     async def device_del(
-        self, qdev_id: str, timeout: float, on_sent: Callable[[bool], None] | None = None
+        self,
+        qdev_id: str,
+        timeout: float,
+        on_sent: Callable[[bool], None] | None = None,
+        *,
+        also: Collection[str] = (),
     ) -> bool:
         """Ask QEMU to unplug *qdev_id* and wait for its ``DEVICE_DELETED``.
 
@@ -332,13 +360,19 @@ class Monitor:
         *on_sent* is called once QEMU has the request, before the wait, with
         True if it was already pending: the caller records that the unplug was
         requested, so a crash during the wait is never taken for "never sent".
+
+        *also* names devices that leave with it (the other functions of its
+        multifunction slot: QEMU unplugs a slot whole); True then means every
+        one of them has its ``DEVICE_DELETED``.
         """
 
         timeout = validate_timeout(timeout)  # before QEMU is asked anything
+        waiting = {qdev_id, *also}
         # virtio devices first emit DEVICE_DELETED for their backend child, with a path and no id.
         listener = EventListener(
-            ("DEVICE_DELETED", "DEVICE_UNPLUG_GUEST_ERROR"), lambda event: _event_device(event) == qdev_id
+            ("DEVICE_DELETED", "DEVICE_UNPLUG_GUEST_ERROR"), lambda event: _event_device(event) in waiting
         )
+        loop = asyncio.get_running_loop()
         with self._qmp.listen(listener):  # registered before the command: the event cannot slip by
             already = False
             try:
@@ -349,11 +383,16 @@ class Monitor:
                 already = True
             if on_sent is not None:
                 on_sent(already)
-            event = await self._next_event(listener, timeout, f"the DEVICE_DELETED wait for {qdev_id}")
-            if event is None:
-                return False
-        if event["event"] == "DEVICE_UNPLUG_GUEST_ERROR":
-            raise UnplugGuestError(qdev_id, f"QEMU reported DEVICE_UNPLUG_GUEST_ERROR {event.get('data')}")
+            deadline = loop.time() + timeout
+            while waiting:
+                event = await self._next_event(
+                    listener, max(0.0, deadline - loop.time()), f"the DEVICE_DELETED wait for {qdev_id}"
+                )
+                if event is None:
+                    return False
+                if event["event"] == "DEVICE_UNPLUG_GUEST_ERROR":
+                    raise UnplugGuestError(qdev_id, f"QEMU reported DEVICE_UNPLUG_GUEST_ERROR {event.get('data')}")
+                waiting.discard(str(_event_device(event)))
         return True
 
     @contextlib.contextmanager

@@ -19,7 +19,14 @@ from bitarray import bitarray
 from ._shown import shown
 from .errors import InvalidMask, InvalidSlot, SlotOccupied, SlotReserved, SlotsExhausted
 
-__all__ = ["NUM_SLOTS", "DEFAULT_PCI_RESERVATIONS", "SlotMap", "validate_mask", "validate_slot"]
+__all__ = [
+    "NUM_SLOTS",
+    "DEFAULT_PCI_RESERVATIONS",
+    "SlotMap",
+    "validate_mask",
+    "validate_slot",
+    "reservation_mask",
+]
 
 #: Slots (device numbers) on one conventional PCI bus.
 NUM_SLOTS = 32
@@ -40,6 +47,13 @@ def validate_mask(mask: object) -> str:
     if len(mask) != NUM_SLOTS or mask.strip("01"):
         raise InvalidMask(f"Reservation mask must be 32 characters of '0' and '1', got {shown(mask)}")
     return mask
+
+
+def reservation_mask(count: object) -> str:
+    """Ganeti 3.x's ``kvm_pci_reservations``: the first *count* slots (0-32) reserved, as a mask."""
+    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= NUM_SLOTS:
+        raise InvalidMask(f"Reserved slot count must be an integer 0-{NUM_SLOTS}, got {shown(count)}")
+    return "1" * count + "0" * (NUM_SLOTS - count)
 
 
 def validate_slot(slot: object) -> int:

@@ -37,7 +37,9 @@ import tenacity
 from ._shown import shown
 from .devid import is_passthrough_driver, uuid8, validate_uuid, validate_vm_name
 from .errors import (
+    SlotError,
     DeviceExists,
+    InvalidTransition,
     StateConflict,
     StateCorrupt,
     StateError,
@@ -47,8 +49,18 @@ from .errors import (
     ValidationError,
     VMBusy,
 )
-from .model import Device, DeviceSpec, DeviceState, VMSpec
-from .slots import SlotMap
+from .topology import check_records
+from .model import (
+    DEFAULT_HOTPLUG_PORTS,
+    TRANSITIONS,
+    Controller,
+    ControllerKind,
+    Device,
+    DeviceSpec,
+    DeviceState,
+    VMSpec,
+    validate_function,
+)
 
 __all__ = ["Store", "Transaction", "EXPORT_FORMAT", "EXPORT_VERSION", "DB_NAME"]
 
@@ -56,17 +68,15 @@ log = logging.getLogger(__name__)
 
 DB_NAME = "kvmslots.sqlite3"
 EXPORT_FORMAT = "kvmslots.vm-state"
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2
+#: Export versions this kvmslots reads (1: no functions, no controllers).
+EXPORT_VERSIONS = (1, 2)
 #: 1: vms + devices.  2: devices.unplug_requested (QEMU has the device_del of a detaching device).
-_SCHEMA_VERSION = 2
+#: 3: multifunction slots (devices.function, .multifunction), controllers (root ports, bridges),
+#:    vms.hotplug_ports and vms.spare_bridge.
+_SCHEMA_VERSION = 3
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS vms (
-    name      TEXT PRIMARY KEY,
-    machine   TEXT NOT NULL,
-    mask      TEXT NOT NULL,
-    bus_masks TEXT NOT NULL DEFAULT '{}'
-);
+_DEVICES_TABLE = """
 CREATE TABLE IF NOT EXISTS devices (
     vm       TEXT NOT NULL REFERENCES vms(name) ON DELETE CASCADE,
     uuid     TEXT NOT NULL,
@@ -78,13 +88,53 @@ CREATE TABLE IF NOT EXISTS devices (
     slot     INTEGER NOT NULL CHECK (slot BETWEEN 0 AND 31),
     state    TEXT NOT NULL CHECK (state IN ('planned', 'attaching', 'attached', 'detaching')),
     unplug_requested INTEGER NOT NULL DEFAULT 0,
+    function INTEGER NOT NULL DEFAULT 0 CHECK (function BETWEEN 0 AND 7),
+    multifunction INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (vm, uuid),
-    UNIQUE (vm, bus, slot),
+    UNIQUE (vm, bus, slot, function),
     UNIQUE (vm, uuid8, slot)
+)"""
+_CONTROLLERS_TABLE = """
+CREATE TABLE IF NOT EXISTS controllers (
+    vm       TEXT NOT NULL REFERENCES vms(name) ON DELETE CASCADE,
+    id       TEXT NOT NULL,
+    kind     TEXT NOT NULL CHECK (kind IN ('pcie-root-port', 'pci-bridge')),
+    bus      TEXT NOT NULL,
+    slot     INTEGER NOT NULL CHECK (slot BETWEEN 0 AND 31),
+    function INTEGER NOT NULL CHECK (function BETWEEN 0 AND 7),
+    chassis  INTEGER NOT NULL CHECK (chassis BETWEEN 1 AND 255),
+    PRIMARY KEY (vm, id),
+    UNIQUE (vm, bus, slot, function),
+    UNIQUE (vm, chassis)
+)"""
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS vms (
+    name      TEXT PRIMARY KEY,
+    machine   TEXT NOT NULL,
+    mask      TEXT NOT NULL,
+    bus_masks TEXT NOT NULL DEFAULT '{{}}',
+    hotplug_ports INTEGER NOT NULL DEFAULT {DEFAULT_HOTPLUG_PORTS},
+    spare_bridge  INTEGER NOT NULL DEFAULT 0
 );
+{_DEVICES_TABLE};
+{_CONTROLLERS_TABLE};
 """
+_DEVICE_COLUMNS = "uuid, dev_type, driver, props, bus, slot, state, function, multifunction"
 #: Upgrades in place, from the version in the key to the next one.
-_MIGRATIONS = {1: ["ALTER TABLE devices ADD COLUMN unplug_requested INTEGER NOT NULL DEFAULT 0"]}
+_MIGRATIONS = {
+    1: ["ALTER TABLE devices ADD COLUMN unplug_requested INTEGER NOT NULL DEFAULT 0"],
+    2: [
+        # SQLite cannot change a UNIQUE constraint in place: the devices table is rebuilt
+        f"ALTER TABLE vms ADD COLUMN hotplug_ports INTEGER NOT NULL DEFAULT {DEFAULT_HOTPLUG_PORTS}",
+        "ALTER TABLE vms ADD COLUMN spare_bridge INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE devices RENAME TO devices_v2",
+        _DEVICES_TABLE,
+        "INSERT INTO devices (vm, uuid, uuid8, dev_type, driver, props, bus, slot, state, unplug_requested) "
+        "SELECT vm, uuid, uuid8, dev_type, driver, props, bus, slot, state, unplug_requested FROM devices_v2",
+        "DROP TABLE devices_v2",
+        _CONTROLLERS_TABLE,
+    ],
+}
 
 
 class Transaction:
@@ -107,11 +157,12 @@ class Transaction:
     # -- VMs ------------------------------------------------------------------
     def find_vm(self, name: str) -> VMSpec | None:
         row = self._conn.execute(
-            "SELECT name, machine, mask, bus_masks FROM vms WHERE name = ?", (validate_vm_name(name),)
+            "SELECT name, machine, mask, bus_masks, hotplug_ports, spare_bridge FROM vms WHERE name = ?",
+            (validate_vm_name(name),),
         ).fetchone()
         if row is None:
             return None
-        return VMSpec(row[0], row[1], row[2], json.loads(row[3]))
+        return VMSpec(row[0], row[1], row[2], json.loads(row[3]), hotplug_ports=row[4], spare_bridge=bool(row[5]))
 
     def get_vm(self, name: str) -> VMSpec:
         vm = self.find_vm(name)
@@ -121,29 +172,35 @@ class Transaction:
 
     def put_vm(self, vm: VMSpec) -> None:
         self._conn.execute(
-            "INSERT INTO vms (name, machine, mask, bus_masks) VALUES (?, ?, ?, ?) "
+            "INSERT INTO vms (name, machine, mask, bus_masks, hotplug_ports, spare_bridge) VALUES (?, ?, ?, ?, ?, ?) "
             "ON CONFLICT(name) DO UPDATE SET machine = excluded.machine, mask = excluded.mask, "
-            "bus_masks = excluded.bus_masks",
-            (vm.name, vm.machine, vm.mask, json.dumps(dict(vm.bus_masks), sort_keys=True)),
+            "bus_masks = excluded.bus_masks, hotplug_ports = excluded.hotplug_ports, "
+            "spare_bridge = excluded.spare_bridge",
+            (
+                vm.name,
+                vm.machine,
+                vm.mask,
+                json.dumps(dict(vm.bus_masks), sort_keys=True),
+                vm.hotplug_ports,
+                int(vm.spare_bridge),
+            ),
         )
 
     def delete_vm(self, name: str) -> None:
         self._conn.execute("DELETE FROM devices WHERE vm = ?", (name,))
+        self._conn.execute("DELETE FROM controllers WHERE vm = ?", (name,))
         self._conn.execute("DELETE FROM vms WHERE name = ?", (name,))
 
     # -- devices --------------------------------------------------------------
     def devices(self, vm: str) -> list[Device]:
         rows = self._conn.execute(
-            "SELECT uuid, dev_type, driver, props, bus, slot, state FROM devices WHERE vm = ? "
-            "ORDER BY bus, slot",
-            (vm,),
+            f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE vm = ? ORDER BY bus, slot, function", (vm,)
         ).fetchall()
         return [_row_to_device(row) for row in rows]
 
     def find_device(self, vm: str, uuid: str) -> Device | None:
         row = self._conn.execute(
-            "SELECT uuid, dev_type, driver, props, bus, slot, state FROM devices WHERE vm = ? AND uuid = ?",
-            (vm, validate_uuid(uuid)),
+            f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE vm = ? AND uuid = ?", (vm, validate_uuid(uuid))
         ).fetchone()
         return None if row is None else _row_to_device(row)
 
@@ -154,20 +211,29 @@ class Transaction:
         return device
 
     def add_device(self, vm: str, device: Device) -> None:
-        """Insert a device; its UUID (and uuid8 at that slot) and slot must be new."""
+        """Insert a device; its UUID (and uuid8 at that slot) and its slot must be new.
+
+        A slot is shared only by the functions of one multifunction group.
+        """
+        validate_function(device.function)
         for other in self.devices(vm):
             if other.uuid == device.uuid:
                 raise DeviceExists(f"VM {vm!r} already has a device with UUID {device.uuid} ({other.qemu_id})")
-            if other.bus == device.bus and other.slot == device.slot:
+            if other.bus == device.bus and other.slot == device.slot and (
+                other.function == device.function or not (other.in_group and device.in_group)
+            ):
                 raise StateConflict(f"Slot {device.slot} on {device.bus} is already held by {other.qemu_id}")
             if uuid8(other.uuid) == uuid8(device.uuid) and other.slot == device.slot:
                 raise DeviceExists(
                     f"{device.uuid} and {other.uuid} share their first UUID group and slot {device.slot}: "
                     f"their ids would collide ({other.qemu_id})"
                 )
+        for controller in self.controllers(vm):
+            if (controller.bus, controller.slot) == (device.bus, device.slot):
+                raise StateConflict(f"Slot {device.slot} on {device.bus} is held by {controller.id}")
         self._conn.execute(
-            "INSERT INTO devices (vm, uuid, uuid8, dev_type, driver, props, bus, slot, state) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO devices (vm, uuid, uuid8, dev_type, driver, props, bus, slot, state, function, multifunction) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 vm,
                 device.uuid,
@@ -178,6 +244,8 @@ class Transaction:
                 device.bus,
                 device.slot,
                 device.state.value,
+                device.function,
+                int(device.multifunction),
             ),
         )
 
@@ -185,13 +253,16 @@ class Transaction:
         """Move a device to *state*.  *unplug_requested* records that QEMU has its ``device_del``
         (only for ``detaching``); any other change clears it."""
         state = DeviceState(state)
+        row = self._conn.execute("SELECT state FROM devices WHERE vm = ? AND uuid = ?", (vm, uuid)).fetchone()
+        if row is None:
+            raise UnknownDevice(f"VM {vm!r} has no device with UUID {uuid}")
+        if state not in TRANSITIONS[DeviceState(row[0])]:
+            raise InvalidTransition(vm, uuid, row[0], state.value)
         requested = bool(unplug_requested) and state is DeviceState.DETACHING
-        cur = self._conn.execute(
+        self._conn.execute(
             "UPDATE devices SET state = ?, unplug_requested = ? WHERE vm = ? AND uuid = ?",
             (state.value, int(requested), vm, uuid),
         )
-        if cur.rowcount != 1:
-            raise UnknownDevice(f"VM {vm!r} has no device with UUID {uuid}")
 
     def unplug_requested(self, vm: str) -> set[str]:
         """UUIDs of the VM's detaching devices whose ``device_del`` QEMU is known to have."""
@@ -215,14 +286,22 @@ class Transaction:
             )
         return cur.rowcount > 0
 
-    def slot_maps(self, vm: VMSpec) -> dict[str, SlotMap]:
-        """One :class:`SlotMap` per bus that has a device, reserving our records."""
-        maps: dict[str, SlotMap] = {}
-        for device in self.devices(vm.name):
-            if device.bus not in maps:
-                maps[device.bus] = SlotMap(vm.mask_for(device.bus), bus=device.bus)
-            maps[device.bus].occupy([device.slot])
-        return maps
+    # -- controllers (root ports and bridges kvmslots planned) ------------------------------
+    def controllers(self, vm: str) -> list[Controller]:
+        rows = self._conn.execute(
+            "SELECT id, kind, bus, slot, function, chassis FROM controllers WHERE vm = ? ORDER BY chassis", (vm,)
+        ).fetchall()
+        return [Controller(*row) for row in rows]
+
+    def add_controller(self, vm: str, controller: Controller) -> None:
+        try:
+            self._conn.execute(
+                "INSERT INTO controllers (vm, id, kind, bus, slot, function, chassis) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (vm, controller.id, controller.kind.value, controller.bus, controller.slot, controller.function,
+                 controller.chassis),
+            )
+        except sqlite3.IntegrityError as exc:
+            raise StateConflict(f"VM {vm!r}: {controller.id} clashes with a stored controller ({exc})") from None
 
 
 class Store:
@@ -434,12 +513,10 @@ class Store:
     def define_vm(self, vm: VMSpec) -> VMSpec:
         """Create or update a VM; changing the mask must not mask a slot in use."""
         with self.vm_lock_sync(vm.name), self.transaction() as txn:
-            for device in txn.devices(vm.name):
-                slot_map = SlotMap(vm.mask_for(device.bus), bus=device.bus)
-                if slot_map.is_masked(device.slot):
-                    raise StateConflict(
-                        f"The new mask of {device.bus} reserves slot {device.slot}, held by {device.qemu_id}"
-                    )
+            try:
+                check_records(vm, txn.controllers(vm.name), txn.devices(vm.name))
+            except (ValidationError, SlotError) as exc:
+                raise StateConflict(f"VM {vm.name!r} cannot be changed so: {exc}") from exc
             txn.put_vm(vm)
         return vm
 
@@ -475,10 +552,12 @@ class Store:
         with self.reading() as txn:
             vm = txn.get_vm(name)
             devices = txn.devices(name)
+            controllers = txn.controllers(name)
         return {
             "format": EXPORT_FORMAT,
             "version": EXPORT_VERSION,
             "vm": vm.to_json(),
+            "controllers": [controller.to_json() for controller in controllers],
             "devices": [device.to_json() for device in devices],
         }
 
@@ -488,20 +567,26 @@ class Store:
         An existing VM of that name is a :class:`StateConflict` unless
         *replace* is true, in which case its state is replaced whole.
         """
-        vm, devices = parse_export(document)
+        vm, controllers, devices = parse_export(document)
         with self.vm_lock_sync(vm.name), self.transaction() as txn:
             if txn.find_vm(vm.name) is not None:
                 if not replace:
                     raise StateConflict(f"VM {vm.name!r} already exists; import with replace=True to overwrite it")
                 txn.delete_vm(vm.name)
             txn.put_vm(vm)
+            for controller in controllers:
+                txn.add_controller(vm.name, controller)
             for device in devices:
                 txn.add_device(vm.name, device)
         return vm
 
 
-def parse_export(document: Mapping[str, Any] | str | bytes) -> tuple[VMSpec, list[Device]]:
-    """Validate an exported document completely; :class:`StateImportError` names the first problem."""
+def parse_export(document: Mapping[str, Any] | str | bytes) -> tuple[VMSpec, list[Controller], list[Device]]:
+    """Validate an exported document completely; :class:`StateImportError` names the first problem.
+
+    Version 1 (before multifunction slots and controllers) is still read: its
+    devices are function 0 and it has no controllers.
+    """
     if isinstance(document, (str, bytes)):
         try:
             document = json.loads(document)
@@ -512,31 +597,29 @@ def parse_export(document: Mapping[str, Any] | str | bytes) -> tuple[VMSpec, lis
     if document.get("format") != EXPORT_FORMAT:
         raise StateImportError(f"Not a kvmslots runtime document (format {shown(document.get('format'))})")
     version = document.get("version")
-    if type(version) is not int or version != EXPORT_VERSION:  # neither true nor 1.0 is version 1
+    if type(version) is not int or version not in EXPORT_VERSIONS:  # neither true nor 1.0 is version 1
         raise StateImportError(
-            f"Runtime document version {shown(document.get('version'))} is not supported (expected {EXPORT_VERSION})"
+            f"Runtime document version {shown(document.get('version'))} is not supported "
+            f"(expected one of {', '.join(map(str, EXPORT_VERSIONS))})"
         )
-    _expect_keys(document, {"format", "version", "vm", "devices"}, "document")
-    raw_vm = document["vm"]
-    if not isinstance(raw_vm, Mapping):
-        raise StateImportError("'vm' must be an object")
-    _expect_keys(raw_vm, {"name", "machine", "mask", "bus_masks"}, "vm")
-    try:
-        vm = VMSpec(raw_vm["name"], raw_vm["machine"], raw_vm["mask"], _mapping(raw_vm["bus_masks"], "vm.bus_masks"))
-    except ValidationError as exc:
-        raise StateImportError(f"Bad VM in runtime document: {exc}") from None
+    v1 = version == 1
+    _expect_keys(document, {"format", "version", "vm", "devices"} | (set() if v1 else {"controllers"}), "document")
+    vm = _import_vm(document["vm"], v1)
+    controllers = [] if v1 else _import_controllers(document["controllers"])
     raw_devices = document["devices"]
     if not isinstance(raw_devices, list):
         raise StateImportError("'devices' must be a list")
     devices: list[Device] = []
-    taken: dict[tuple[str, int], str] = {}
     ids: dict[tuple[str, int], str] = {}
     uuids: set[str] = set()
+    keys = {"uuid", "type", "driver", "props", "bus", "slot", "state", "id"} | (
+        set() if v1 else {"function", "multifunction"}
+    )
     for index, raw in enumerate(raw_devices):
         where = f"devices[{index}]"
         if not isinstance(raw, Mapping):
             raise StateImportError(f"{where} must be an object")
-        _expect_keys(raw, {"uuid", "type", "driver", "props", "bus", "slot", "state", "id"}, where)
+        _expect_keys(raw, keys, where)
         try:
             spec = DeviceSpec(
                 raw["uuid"], raw["type"], raw["driver"], _mapping(raw["props"], f"{where}.props"), raw["bus"], raw["slot"]
@@ -544,34 +627,66 @@ def parse_export(document: Mapping[str, Any] | str | bytes) -> tuple[VMSpec, lis
             if not isinstance(raw["state"], str) or raw["state"] not in {s.value for s in DeviceState}:
                 raise ValidationError(f"state must be one of {', '.join(s.value for s in DeviceState)}")
             state = DeviceState(raw["state"])
+            function = 0 if v1 else validate_function(raw["function"])
+            multifunction = False if v1 else raw["multifunction"]
+            if not isinstance(multifunction, bool):
+                raise ValidationError(f"multifunction must be true or false, got {shown(multifunction)}")
         except (ValidationError, ValueError) as exc:
             raise StateImportError(f"Bad device in {where}: {exc}") from None
-        if spec.slot is None:
-            raise StateImportError(f"{where} has no slot")
+        if spec.slot is None or spec.bus is None:
+            raise StateImportError(f"{where} has no bus or slot")
         if is_passthrough_driver(spec.driver):
             raise StateImportError(
                 f"{where}: {spec.driver} passes host device {spec.props.get('host', '?')} through; passthrough "
                 "devices are not imported (the host device belongs to its host's tracker): plug a matching "
                 "host device through the tracker after the import"
             )
-        device = Device.from_spec(spec, spec.slot, state)
+        device = Device.from_spec(spec, spec.bus, spec.slot, state, function, multifunction)
         if raw["id"] != device.qemu_id:
             raise StateImportError(f"{where}: id {shown(raw['id'])} does not match its type, UUID and slot ({device.qemu_id})")
         if device.uuid in uuids:
             raise StateImportError(f"{where}: UUID {device.uuid} appears twice")
-        if SlotMap(vm.mask_for(device.bus)).is_masked(device.slot):
-            raise StateImportError(f"{where}: slot {device.slot} on {device.bus} is reserved by the mask")
         if (uuid8(device.uuid), device.slot) in ids:
             raise StateImportError(f"{where}: its id would collide with {ids[(uuid8(device.uuid), device.slot)]}")
-        if (device.bus, device.slot) in taken:
-            raise StateImportError(
-                f"{where}: slot {device.slot} on {device.bus} is also held by {taken[(device.bus, device.slot)]}"
-            )
         uuids.add(device.uuid)
-        taken[(device.bus, device.slot)] = device.qemu_id
         ids[(uuid8(device.uuid), device.slot)] = device.qemu_id
         devices.append(device)
-    return vm, devices
+    try:
+        check_records(vm, controllers, devices)
+    except (ValidationError, SlotError) as exc:
+        raise StateImportError(f"Runtime document does not fit VM {vm.name!r}: {exc}") from None
+    return vm, controllers, devices
+
+
+def _import_vm(raw_vm: Any, v1: bool) -> VMSpec:
+    if not isinstance(raw_vm, Mapping):
+        raise StateImportError("'vm' must be an object")
+    _expect_keys(raw_vm, {"name", "machine", "mask", "bus_masks"} | (set() if v1 else {"hotplug_ports", "spare_bridge"}), "vm")
+    try:
+        extra = {} if v1 else {"hotplug_ports": raw_vm["hotplug_ports"], "spare_bridge": raw_vm["spare_bridge"]}
+        return VMSpec(raw_vm["name"], raw_vm["machine"], raw_vm["mask"], _mapping(raw_vm["bus_masks"], "vm.bus_masks"), **extra)
+    except ValidationError as exc:
+        raise StateImportError(f"Bad VM in runtime document: {exc}") from None
+
+
+def _import_controllers(raw: Any) -> list[Controller]:
+    if not isinstance(raw, list):
+        raise StateImportError("'controllers' must be a list")
+    controllers = []
+    for index, item in enumerate(raw):
+        where = f"controllers[{index}]"
+        if not isinstance(item, Mapping):
+            raise StateImportError(f"{where} must be an object")
+        _expect_keys(item, {"id", "kind", "bus", "slot", "function", "chassis"}, where)
+        try:
+            if item["kind"] not in {k.value for k in ControllerKind}:
+                raise ValidationError(f"kind must be one of {', '.join(k.value for k in ControllerKind)}")
+            controllers.append(
+                Controller(item["id"], ControllerKind(item["kind"]), item["bus"], item["slot"], item["function"], item["chassis"])
+            )
+        except (ValidationError, ValueError, TypeError) as exc:
+            raise StateImportError(f"Bad controller in {where}: {exc}") from None
+    return controllers
 
 
 def _lock_wait(timeout: float) -> dict[str, Any]:
@@ -726,5 +841,5 @@ def _mapping(value: Any, where: str) -> Mapping[str, Any]:
 
 
 def _row_to_device(row: tuple[Any, ...]) -> Device:
-    uuid, dev_type, driver, props, bus, slot, state = row
-    return Device(uuid, dev_type, driver, json.loads(props), bus, slot, DeviceState(state))
+    uuid, dev_type, driver, props, bus, slot, state, function, multifunction = row
+    return Device(uuid, dev_type, driver, json.loads(props), bus, slot, DeviceState(state), function, bool(multifunction))

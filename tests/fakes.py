@@ -71,7 +71,7 @@ class FakeQemu:
             self.connected = False
             raise MonitorConnectionLost("fake: lost after add")
 
-    async def device_del(self, qdev_id: str, timeout: float, on_sent=None) -> bool:
+    async def device_del(self, qdev_id: str, timeout: float, on_sent=None, *, also=()) -> bool:
         self._check()
         self.calls.append(f"device_del {qdev_id}")
         if qdev_id not in self.devices:

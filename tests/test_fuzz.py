@@ -378,9 +378,9 @@ def test_device_spec_raises_only_kvmslots_errors(uuid, dev_type, driver, props, 
 
 # --- the runtime document: store.parse_export --------------------------------------------
 
-EXPORT = {
+EXPORT_V1 = {
     "format": store.EXPORT_FORMAT,
-    "version": store.EXPORT_VERSION,
+    "version": 1,
     "vm": {"name": "vm1", "machine": "pc", "mask": "1111" + "0" * 28, "bus_masks": {"br1": "1" + "0" * 31}},
     "devices": [
         {"uuid": UUID, "type": "nic", "driver": "virtio-net-pci", "props": {"netdev": "net0"}, "bus": "pci.0",
@@ -389,18 +389,40 @@ EXPORT = {
          "bus": "br1", "slot": 3, "state": "planned", "id": "rng-0c1d2e3f-pci-3"},
     ],
 }
+EXPORT = {
+    "format": store.EXPORT_FORMAT,
+    "version": store.EXPORT_VERSION,
+    "vm": {"name": "vm2", "machine": "q35", "mask": "11" + "0" * 29 + "1", "bus_masks": {}, "hotplug_ports": 1,
+           "spare_bridge": False},
+    "controllers": [
+        {"id": "pcie-port-1", "kind": "pcie-root-port", "bus": "pcie.0", "slot": 2, "function": 0, "chassis": 1},
+        {"id": "pcie-port-2", "kind": "pcie-root-port", "bus": "pcie.0", "slot": 2, "function": 1, "chassis": 2},
+    ],
+    "devices": [
+        {"uuid": UUID, "type": "nic", "driver": "virtio-net-pci", "props": {"netdev": "net0"}, "bus": "pcie-port-1",
+         "slot": 0, "function": 0, "multifunction": True, "state": "attached", "id": "nic-9f3c2a1b-pci-0"},
+        {"uuid": "0c1d2e3f-0000-4000-8000-000000000001", "type": "rng", "driver": "virtio-rng-pci", "props": {},
+         "bus": "pcie-port-1", "slot": 0, "function": 1, "multifunction": False, "state": "attached",
+         "id": "rng-0c1d2e3f-pci-0"},
+    ],
+}
 EXPORT_KEYS = ["format", "version", "vm", "devices", "name", "machine", "mask", "bus_masks", "uuid", "type",
-               "driver", "props", "bus", "slot", "state", "id"]
-export_values = json_like(EXPORT_KEYS, [store.EXPORT_FORMAT, store.EXPORT_VERSION, "attached", "pci.0", 4, UUID])
+               "driver", "props", "bus", "slot", "state", "id", "controllers", "kind", "function", "chassis",
+               "multifunction", "hotplug_ports", "spare_bridge"]
+export_values = json_like(EXPORT_KEYS, [store.EXPORT_FORMAT, store.EXPORT_VERSION, 1, "attached", "pci.0", 4, UUID,
+                                        "pcie-root-port", "pcie-port-1"])
 
 
-def test_the_export_sample_is_valid():
-    vm, devices = store.parse_export(EXPORT)
-    assert vm.name == "vm1" and len(devices) == 2
+def test_the_export_samples_are_valid():
+    vm, controllers, devices = store.parse_export(EXPORT)
+    assert vm.name == "vm2" and len(controllers) == 2 and [d.function for d in devices] == [0, 1]
+    vm, controllers, devices = store.parse_export(EXPORT_V1)
+    assert vm.name == "vm1" and controllers == [] and len(devices) == 2
 
 
 @FUZZ
 @given(st.one_of(export_values, mutated(EXPORT, export_values), json_texts(mutated(EXPORT, export_values)),
+                 mutated(EXPORT_V1, export_values),
                  json_texts(export_values).map(lambda t: t.encode("utf-8", "surrogatepass")), st.binary()))
 def test_parse_export_raises_only_kvmslots_errors(document):
     survives(store.parse_export, document)

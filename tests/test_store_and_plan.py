@@ -90,9 +90,10 @@ def test_plan_boot_requested_slot_errors(store):
 
 
 def test_plan_boot_exhaustion_and_duplicates(store):
+    pinned = [DeviceSpec(uid(i + 1), "dev", "pci-testdev", bus="pci.0") for i in range(29)]
+    with pytest.raises(SlotsExhausted):  # pinned to pci.0: no bridge can help
+        plan(store, VMSpec("vm1"), pinned)
     many = [DeviceSpec(uid(i + 1), "dev", "pci-testdev") for i in range(29)]
-    with pytest.raises(SlotsExhausted):
-        plan(store, VMSpec("vm1"), many)
     with pytest.raises(DeviceExists):
         plan(store, VMSpec("vm1"), [many[0], many[0]])
     assert store.vms() == []
@@ -130,7 +131,7 @@ def _mutations():
 
     return {
         "format": m(["format"], "ganeti-runtime"),
-        "version": m(["version"], 2),
+        "version": m(["version"], 3),
         "extra key": m(["surprise"], 1),
         "no devices": m(["devices"], KeyError),
         "bad mask": m(["vm", "mask"], "111"),
@@ -195,7 +196,7 @@ def _reserve_worker(state_dir, n, queue):
                 slot_map.occupy(d.slot for d in txn.devices("vm1"))
                 spec = DeviceSpec(uid(100 + n * 10 + i), "dev", "pci-testdev")
                 slot = slot_map.reserve()
-                txn.add_device("vm1", Device.from_spec(spec, slot, DeviceState.ATTACHING))
+                txn.add_device("vm1", Device.from_spec(spec, "pci.0", slot, DeviceState.ATTACHING))
             queue.put(slot)
 
 
@@ -257,7 +258,7 @@ def test_ids_that_would_collide_across_buses_are_refused_typed(store):
     vm = VMSpec("vm1", bus_masks={"br1": "1" + "0" * 31})
     with pytest.raises(DeviceExists, match="collide"):
         plan(store, vm, [DeviceSpec(a, "nic", "e1000", slot=5), DeviceSpec(b, "dev", "pci-testdev", bus="br1", slot=5)])
-    doc = {"format": "kvmslots.vm-state", "version": 1, "vm": vm.to_json(), "devices": [
+    doc = {"format": "kvmslots.vm-state", "version": 1, "vm": {k: vm.to_json()[k] for k in ("name", "machine", "mask", "bus_masks")}, "devices": [
         {"uuid": a, "type": "nic", "driver": "e1000", "props": {}, "bus": "pci.0", "slot": 5, "state": "planned",
          "id": "nic-9f3c2a1b-pci-5"},
         {"uuid": b, "type": "dev", "driver": "pci-testdev", "props": {}, "bus": "br1", "slot": 5, "state": "planned",

@@ -1,0 +1,237 @@
+"""Reconcile: compare our records with QEMU's live view and repair what a crash or a lost event left."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from ..errors import MonitorError, QemuCommandError, UnplugGuestError
+from ..model import Device, DeviceState, VMSpec
+from ..monitor import MonitorLike, validate_timeout
+from ..passthrough import HostDevices
+from ..pciview import PciOccupancy
+from ..store import Store, Transaction
+from ..topology import Topology
+from .common import unplug, UnplugRecorder, forget_all, group_of, log, require_host, restore, topology
+
+@dataclass
+class ReconcileReport:
+    """What :func:`reconcile` found and repaired; lists of QEMU ids unless said."""
+
+    vm: str
+    attached: list[str] = field(default_factory=list)  # attaching/planned and present -> attached
+    released: list[str] = field(default_factory=list)  # attaching or detaching and gone -> slot freed
+    lost: list[str] = field(default_factory=list)  # attached but gone -> slot freed (someone removed it)
+    pending: list[str] = field(default_factory=list)  # detaching, still present, QEMU has the unplug request
+    resent: list[str] = field(default_factory=list)  # detaching but device_del never reached QEMU: sent now
+    # (a resent unplug the guest confirms within reconcile's unplug_wait is also in ``released``)
+    restored: list[str] = field(default_factory=list)  # detaching, QEMU refuses the unplug: back to attached
+    not_running: list[str] = field(default_factory=list)  # planned and absent (VM not booted with it yet)
+    misplaced: list[str] = field(default_factory=list)  # present at another bus/slot than recorded
+    unverified: list[str] = field(default_factory=list)  # QEMU has it but shows it on no bus right now
+    host_freed: list[str] = field(default_factory=list)  # host devices claimed for a guest device never recorded
+    unknown: list[dict[str, Any]] = field(default_factory=list)  # live devices we did not place
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.attached or self.released or self.lost or self.resent or self.restored)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "vm": self.vm,
+            "attached": self.attached,
+            "released": self.released,
+            "lost": self.lost,
+            "pending": self.pending,
+            "resent": self.resent,
+            "restored": self.restored,
+            "not_running": self.not_running,
+            "misplaced": self.misplaced,
+            "unverified": self.unverified,
+            "host_freed": self.host_freed,
+            "unknown": self.unknown,
+        }
+
+
+async def reconcile(
+    store: Store,
+    monitor: MonitorLike,
+    vm: str,
+    *,
+    host: HostDevices | None = None,
+    unplug_wait: float = 0.0,
+) -> ReconcileReport:
+    """Compare our records with QEMU's live view and repair what a crash or a lost event left.
+
+    ===========================  ===========================  ====================================
+    record                       QEMU                         action (report list)
+    ===========================  ===========================  ====================================
+    planned / attaching          present at its slot          -> attached (``attached``)
+    planned                      absent                       none (``not_running``)
+    attaching                    absent                       slot freed (``released``)
+    attached                     absent                       slot freed (``lost``)
+    detaching                    absent                       slot freed (``released``)
+    detaching, unplug requested  present                      none, the guest decides (``pending``)
+    detaching, never sent        present                      ``device_del`` sent now (``resent``)
+    detaching, never sent        present, unplug refused      -> attached (``restored``)
+    any                          present elsewhere            none (``misplaced``)
+    any                          on no bus (unnumbered)       none (``unverified``)
+    ===========================  ===========================  ====================================
+
+    "Never sent" is a detach that died between recording ``detaching`` and
+    QEMU taking its ``device_del``: the user asked for the removal, so it is
+    finished (and confirmed if the guest ejects within *unplug_wait* seconds).
+    Live devices we do not know are reported (``unknown``; hot_add treats
+    their slots as taken anyway).  It holds the VM's lock, so an operation
+    still under way in another process is never mistaken for one a crash left
+    behind.  With *host*, passthrough devices follow: released ones free their
+    host device, newly attached ones turn their host claim into an allocation.
+    """
+    unplug_wait = validate_timeout(unplug_wait, "unplug_wait")
+    async with store.vm_lock(vm):
+        before = {d.qemu_id: d for d in store.devices(vm)}
+        require_host(vm, before.values(), host, "reconcile")
+        view = await monitor.pci()
+        report, unsent = _reconcile_view(store, vm, view)
+        try:
+            for group in unsent:
+                await _resend_unplug(store, monitor, vm, group, unplug_wait, report)
+        finally:  # records already released free their host devices even if QEMU fails us now
+            if host is not None:
+                for qid in report.released + report.lost:
+                    host.release_guest_device(vm, before[qid])
+                # every passthrough device QEMU has must hold an allocation, including one whose
+                # process died between committing 'attached' and allocating
+                for device in store.devices(vm):
+                    if device.state is DeviceState.ATTACHED:
+                        host.allocate_guest_device(vm, device)
+                report.host_freed = host.free_orphan_claims(vm, {d.uuid for d in store.devices(vm)})
+        return report
+
+
+class Live(str, enum.Enum):
+    """What QEMU shows of one recorded device."""
+
+    PRESENT = "present"  # at the bus, slot and function we recorded
+    ABSENT = "absent"  # QEMU does not have it at all
+    ELSEWHERE = "elsewhere"  # QEMU has it at another place
+    UNPLACED = "unplaced"  # QEMU has it but shows it on no bus (an unnumbered bridge, a paused VM)
+
+
+class Action(str, enum.Enum):
+    ATTACH = "attached"  # -> attached
+    NOT_RUNNING = "not_running"  # nothing to do: the VM was not booted with it yet
+    RELEASE = "released"  # forget the record, slot free
+    LOSE = "lost"  # forget the record: someone removed it
+    PENDING = "pending"  # the guest decides
+    RESEND = "resent"  # device_del never reached QEMU: send it now (decided outside the transaction)
+    MISPLACED = "misplaced"  # report only
+    UNVERIFIED = "unverified"  # report only
+
+
+#: The table of :func:`reconcile`: (record state, unplug requested, what QEMU shows) -> action.
+#: ``None`` for "requested" means either.
+_TABLE: dict[tuple[DeviceState, bool | None, Live], Action | None] = {
+    **{(state, None, Live.PRESENT): Action.ATTACH for state in (DeviceState.PLANNED, DeviceState.ATTACHING)},
+    (DeviceState.ATTACHED, None, Live.PRESENT): None,  # as recorded
+    (DeviceState.PLANNED, None, Live.ABSENT): Action.NOT_RUNNING,
+    (DeviceState.ATTACHING, None, Live.ABSENT): Action.RELEASE,
+    (DeviceState.ATTACHED, None, Live.ABSENT): Action.LOSE,
+    (DeviceState.DETACHING, None, Live.ABSENT): Action.RELEASE,
+    (DeviceState.DETACHING, True, Live.PRESENT): Action.PENDING,
+    (DeviceState.DETACHING, False, Live.PRESENT): Action.RESEND,
+    **{(state, None, Live.ELSEWHERE): Action.MISPLACED for state in DeviceState},
+    **{(state, None, Live.UNPLACED): Action.UNVERIFIED for state in DeviceState},
+}
+
+
+def _action(state: DeviceState, requested: bool, live: Live) -> Action | None:
+    key = (state, requested, live)
+    return _TABLE[key] if key in _TABLE else _TABLE[(state, None, live)]
+
+
+def _reconcile_view(store: Store, vm: str, view: PciOccupancy) -> tuple[ReconcileReport, list[list[Device]]]:
+    """The table of :func:`reconcile`, in one transaction; returns the detaching slots whose unplug
+    never reached QEMU (they need QEMU again, outside the transaction)."""
+    report = ReconcileReport(vm)
+    unsent: list[list[Device]] = []
+    with store.transaction() as txn:
+        vm_spec = txn.get_vm(vm)
+        topo = topology(txn, vm_spec, view)
+        devices = txn.devices(vm)
+        requested = txn.unplug_requested(vm)
+        for device in devices:
+            action = _action(device.state, device.uuid in requested, _live(device, view, topo))
+            if action is Action.RESEND:
+                group = group_of(devices, device)
+                if group[0] is device:  # a slot is unplugged once, through its function 0
+                    unsent.append(group)
+            elif action is not None:
+                _apply(txn, vm, device, action, report)
+        report.unknown = _unknown_devices(topo, devices, view)
+    return report, unsent
+
+
+def _live(device: Device, view: PciOccupancy, topo: Topology) -> Live:
+    live = view.find(device.qemu_id)
+    if live is None:
+        return Live.UNPLACED if view.has(device.qemu_id) else Live.ABSENT
+    if (live.bus, live.slot, live.function) != (topo.number(device.bus), device.slot, device.function):
+        return Live.ELSEWHERE
+    return Live.PRESENT
+
+
+def _apply(txn: Transaction, vm: str, device: Device, action: Action, report: ReconcileReport) -> None:
+    if action is Action.ATTACH:
+        txn.set_state(vm, device.uuid, DeviceState.ATTACHED)
+    elif action in (Action.RELEASE, Action.LOSE):
+        txn.remove_device(vm, device.uuid)
+    getattr(report, action.value).append(device.qemu_id)
+
+
+async def _resend_unplug(
+    store: Store, monitor: MonitorLike, vm: str, group: list[Device], wait: float, report: ReconcileReport
+) -> None:
+    """Finish a detach whose ``device_del`` never reached QEMU (the process died first)."""
+    first = group[0]
+    recorder = UnplugRecorder(store, vm, [d.uuid for d in group])
+    also = [d.qemu_id for d in group[1:]]
+    try:
+        deleted = await unplug(monitor, first.qemu_id, wait, recorder, also)
+    except (QemuCommandError, UnplugGuestError) as exc:
+        if isinstance(exc, QemuCommandError) and exc.error_class == "DeviceNotFound":
+            deleted = True
+        else:  # QEMU or the guest will not unplug it (e.g. a bus without hotplug): it stays, and is ours
+            log.warning("Unplug of %s refused during reconcile: %s", first.qemu_id, exc.qemu_message)
+            restore(store, vm, [d.uuid for d in group], DeviceState.ATTACHED)
+            report.restored += [d.qemu_id for d in group]
+            return
+    if recorder.sent and not recorder.already:
+        report.resent += [d.qemu_id for d in group]  # said even when the eject follows at once
+    if deleted:
+        forget_all(store, vm, [d.with_state(DeviceState.DETACHING) for d in group])
+        report.released += [d.qemu_id for d in group]
+    elif recorder.already:
+        report.pending += [d.qemu_id for d in group]
+
+
+def _unknown_devices(topo: Topology, devices: Sequence[Device], view: PciOccupancy) -> list[dict[str, Any]]:
+    """Live functions nobody told us about: not our devices or controllers, not the machine's built-ins."""
+    ours = {device.qemu_id for device in devices} | {c.id for c in topo.controllers}
+    unknown = []
+    for function in view.functions:
+        if function.qdev_id and function.qdev_id in ours:
+            continue
+        if topo.is_builtin(function.bus, function.slot):
+            continue
+        unknown.append(
+            {
+                "bus": function.bus,
+                "slot": function.slot,
+                "function": function.function,
+                "qdev_id": function.qdev_id,
+                "description": function.description,
+            }
+        )
+    return unknown
