@@ -18,20 +18,35 @@ import logging
 from .devid import device_id, parse_device_id
 from .errors import *  # noqa: F401,F403 - the exception tree is part of the API
 from .errors import __all__ as _errors_all
-from .hotplug import BootPlan, HotDelResult, HotDelStatus, ReconcileReport, hot_add, hot_add_many, hot_del, plan_boot, reconcile, watch_unplugs
-from .model import Device, DeviceSpec, DeviceState, VMSpec
+from .capabilities import QemuCapabilities
+from .hotplug import (
+    BootPlan,
+    HotDelResult,
+    HotDelStatus,
+    ReconcileReport,
+    hot_add,
+    hot_add_group,
+    hot_add_many,
+    hot_del,
+    plan_boot,
+    reconcile,
+    watch_unplugs,
+)
+from .model import Controller, ControllerKind, Device, DeviceGroup, DeviceSpec, DeviceState, Machine, VMSpec
+from .topology import Topology
 from .monitor import Monitor
 from .pciview import PciFunction, PciOccupancy, parse_info_pci, parse_query_pci
 from .slots import DEFAULT_PCI_RESERVATIONS, SlotMap
 from .store import Store
 from .sync import SlotManager
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "plan_boot",
     "hot_add",
     "hot_add_many",
+    "hot_add_group",
     "hot_del",
     "reconcile",
     "watch_unplugs",
@@ -39,7 +54,13 @@ __all__ = [
     "Store",
     "Monitor",
     "DeviceSpec",
+    "DeviceGroup",
     "VMSpec",
+    "Machine",
+    "Controller",
+    "ControllerKind",
+    "Topology",
+    "QemuCapabilities",
     "Device",
     "DeviceState",
     "BootPlan",

@@ -230,10 +230,10 @@ def binary_machines(binary: str) -> dict[str, str]:
 
 def check_machine_available(machine: str, binary: str) -> str:
     """*machine* if the QEMU *binary* has it (its resolved name otherwise unused); :class:`UnsupportedMachine` if not."""
-    machine_family(machine)
+    family = machine_family(machine)
     known = binary_machines(binary)
     if machine not in known:
-        offered = tuple(sorted(n for n in known if _is_supported(n)))
+        offered = tuple(sorted((n for n in known if _is_supported(n)), key=lambda n: (machine_family(n) is not family, n)))
         raise UnsupportedMachine(
             f"{binary} has no machine type {machine!r}; it offers {', '.join(offered[:8])}"
             + (", ..." if len(offered) > 8 else ""),

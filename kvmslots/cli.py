@@ -20,19 +20,23 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, NoReturn, Sequence, TypeVar
 
 from . import hotplug
+from .capabilities import check_machine_available
 from .devid import PropValue, validate_uuid, validate_vm_name
-from .errors import KvmSlotsError, ValidationError
-from .model import ROOT_BUS, Device, DeviceSpec, DeviceState, VMSpec
+from .errors import InvalidFunction, KvmSlotsError, ValidationError
+from .model import DEFAULT_HOTPLUG_PORTS, Controller, Device, DeviceGroup, DeviceSpec, DeviceState, VMSpec
 from .monitor import Monitor, command_timeout_from_env, validate_timeout
 from .pciview import PciOccupancy
-from .slots import DEFAULT_PCI_RESERVATIONS, NUM_SLOTS, SlotMap
+from .slots import NUM_SLOTS
 from .store import Store
+from .topology import Topology
 
 __all__ = ["main"]
 
 T = TypeVar("T")
 DEFAULT_STATE_DIR = "/var/lib/kvmslots"
-_SLOT_MARKS = {"reserved": "R", "ours": "O", "pending": "P", "foreign": "F", "free": "."}
+_SLOT_MARKS = {
+    "reserved": "R", "ours": "O", "group": "M", "pending": "P", "controller": "C", "foreign": "F", "free": ".",
+}
 
 
 class UsageError(Exception):
@@ -101,7 +105,42 @@ def _parse_device(text: str) -> DeviceSpec:
 
 def _device_json(device: Device) -> dict[str, Any]:
     return {"id": device.qemu_id, "uuid": device.uuid, "type": device.dev_type, "driver": device.driver,
-            "bus": device.bus, "slot": device.slot}
+            "bus": device.bus, "slot": device.slot, "function": device.function}
+
+
+def _controller_json(controller: Controller) -> dict[str, Any]:
+    return {"id": controller.id, "uuid": None, "type": controller.kind.label, "driver": controller.kind.value,
+            "bus": controller.bus, "slot": controller.slot, "function": controller.function,
+            "chassis": controller.chassis}
+
+
+def _group_devices(devices: list[DeviceSpec], groups: Sequence[str]) -> list[DeviceSpec | DeviceGroup]:
+    """Fold the --device entries named by each --group UUID,UUID,... into one multifunction group,
+    at the position of its first member (function order = the order in --group)."""
+    by_uuid = {d.uuid: d for d in devices}
+    units: list[DeviceSpec | DeviceGroup] = list(devices)
+    for text in groups:
+        uuids = [validate_uuid(u.strip()) for u in text.split(",") if u.strip()]
+        missing = [u for u in uuids if u not in by_uuid]
+        if missing:
+            raise UsageError(f"--group names {', '.join(missing)}, which no --device gives")
+        members = [by_uuid[u] for u in uuids]
+        if any(m not in units for m in members):
+            raise InvalidFunction("A device is in two --group lists")
+        first = min(units.index(m) for m in members)
+        units[first] = DeviceGroup(tuple(members))
+        units = [u for u in units if not (isinstance(u, DeviceSpec) and u in members)]
+    return units
+
+
+def _qemu_binary(args: argparse.Namespace) -> str | None:
+    """The QEMU binary whose machine types ``plan --machine`` is checked against, if there is one."""
+    import shutil
+
+    binary = args.qemu or os.environ.get("KVMSLOTS_QEMU")
+    if binary:
+        return binary
+    return shutil.which("qemu-system-x86_64")
 
 
 def _with_monitor(args: argparse.Namespace, work: Callable[[Monitor], Awaitable[T]]) -> T:
@@ -140,14 +179,32 @@ class Output:
 
 
 def cmd_plan(args: argparse.Namespace, store: Store, out: Output) -> int:
-    devices = [_parse_device(text) for text in args.device]
+    units = _group_devices([_parse_device(text) for text in args.device], args.group)
     vm: VMSpec | str = args.vm
-    if args.mask or args.machine or not store.has_vm(args.vm):
-        old = store.get_vm(args.vm) if store.has_vm(args.vm) else None
-        vm = VMSpec(args.vm, args.machine or (old.machine if old else "pc"),
-                    args.mask or (old.mask if old else DEFAULT_PCI_RESERVATIONS))
-    plan = asyncio.run(hotplug.plan_boot(store, vm, devices, host=_host_devices(store)))
-    rows = [{**_device_json(d), "arg": d.device_option()} for d in plan.devices]
+    old = store.get_vm(args.vm) if store.has_vm(args.vm) else None
+    changes = (args.mask, args.machine, args.reserve_slots, args.hotplug_ports, args.spare_bridge)
+    if old is None or any(value is not None for value in changes):
+        machine = args.machine or (old.machine if old else "pc")
+        binary = _qemu_binary(args)
+        if args.machine and binary:  # a name this QEMU lacks would only fail when the VM starts
+            check_machine_available(machine, binary)
+        same_family = old is not None and old.family is VMSpec(args.vm, machine).family
+        vm = VMSpec(
+            args.vm,
+            machine,
+            args.mask or (old.mask if same_family and old and args.reserve_slots is None else ""),
+            old.bus_masks if same_family and old else {},
+            hotplug_ports=args.hotplug_ports if args.hotplug_ports is not None else (
+                old.hotplug_ports if old else DEFAULT_HOTPLUG_PORTS),
+            spare_bridge=args.spare_bridge if args.spare_bridge is not None else bool(same_family and old and old.spare_bridge),
+            reserve_slots=args.reserve_slots,
+        )
+    plan = asyncio.run(hotplug.plan_boot(store, vm, units, host=_host_devices(store)))
+    rows = [{**_controller_json(c), "arg": c.device_option()} for c in plan.controllers]
+    rows += [{**_device_json(d), "arg": d.device_option()} for d in plan.devices]
+    for row in rows:
+        row.pop("driver")
+        row.pop("chassis", None)
     # Quoted for a POSIX shell: a value such as mac=$(touch x) stays data in `qemu ... $(kvmslots plan ...)`
     # only through eval; quoted, `eval "qemu-system-x86_64 $(kvmslots plan ...)"` is safe.
     out.emit(rows, lambda: "\n".join(f"-device {shlex.quote(row['arg'])}" for row in rows))
@@ -155,6 +212,30 @@ def cmd_plan(args: argparse.Namespace, store: Store, out: Output) -> int:
 
 
 def cmd_attach(args: argparse.Namespace, store: Store, out: Output) -> int:
+    if args.device:
+        if args.type or args.uuid or args.driver or args.prop:
+            raise UsageError("give either --device (repeatable) or --type/--uuid/--driver/--prop, not both")
+        specs = [_parse_device(text) for text in args.device]
+        if args.same_slot:
+            if len(specs) < 2:
+                raise UsageError("--same-slot needs at least two --device")
+            group = DeviceGroup(tuple(specs), args.bus, args.slot)
+            hotplug.refuse_raw_passthrough(group)
+            devices = _with_monitor(args, lambda mon: hotplug.hot_add_group(store, mon, args.vm, group))
+        else:
+            if args.bus or args.slot is not None:
+                specs = [DeviceSpec(s.uuid, s.dev_type, s.driver, s.props, args.bus, args.slot) for s in specs]
+            for spec in specs:
+                hotplug.refuse_raw_passthrough(spec)
+            devices = _with_monitor(args, lambda mon: hotplug.hot_add_many(store, mon, args.vm, specs))
+        out.emit([_device_json(d) for d in devices], "\n".join(
+            f"attached {d.qemu_id} at {d.bus} slot {d.slot} function {d.function}" for d in devices
+        ))
+        return 0
+    if args.same_slot:
+        raise UsageError("--same-slot groups several --device entries")
+    if not (args.type and args.uuid and args.driver):
+        raise UsageError("attach needs --type, --uuid and --driver (or --device TYPE:UUID:DRIVER)")
     spec = DeviceSpec(args.uuid, args.type, args.driver, _parse_props(args.prop), args.bus, args.slot)
     hotplug.refuse_raw_passthrough(spec)  # bad usage, found before QEMU is contacted
     device = _with_monitor(args, lambda mon: hotplug.hot_add(store, mon, args.vm, spec))
@@ -168,13 +249,18 @@ def cmd_detach(args: argparse.Namespace, store: Store, out: Output) -> int:
         args, lambda mon: hotplug.hot_del(store, mon, args.vm, args.uuid, timeout=args.timeout, host=host)
     )
     device = result.device
+    ids = ", ".join(d.qemu_id for d in result.devices)
     text = (
-        f"removed {device.qemu_id} (DEVICE_DELETED); slot {device.slot} is free"
+        f"removed {ids} (DEVICE_DELETED); slot {device.slot} is free"
         if result.removed
-        else f"pending: {device.qemu_id} was asked to leave but the guest has not ejected it within "
+        else f"pending: {ids} was asked to leave but the guest has not ejected it within "
         f"{args.timeout:g}s; slot {device.slot} stays reserved until it does (run reconcile later)"
     )
-    out.emit({"id": device.qemu_id, "uuid": device.uuid, "result": result.status.value}, text)
+    out.emit(
+        {"id": device.qemu_id, "uuid": device.uuid, "result": result.status.value,
+         "ids": [d.qemu_id for d in result.devices]},
+        text,
+    )
     return 0
 
 
@@ -194,58 +280,69 @@ def cmd_reconcile(args: argparse.Namespace, store: Store, out: Output) -> int:
 def cmd_show(args: argparse.Namespace, store: Store, out: Output) -> int:
     vm = store.get_vm(args.vm)
     devices = store.devices(args.vm)
+    controllers = store.controllers(args.vm)
     view = _with_monitor(args, lambda mon: mon.pci()) if args.qmp else None
-    buses = slot_states(vm, devices, view)
+    buses = slot_states(vm, controllers, devices, view)
     data = {
         "vm": vm.name,
         "machine": vm.machine,
         "buses": buses,
+        "controllers": [_controller_json(c) for c in controllers],
         "devices": [{**_device_json(d), "state": d.state.value} for d in devices],
         "live": view is not None,
     }
 
-    out.emit(data, lambda: render_slot_map(vm, devices, buses, live=view is not None))
+    out.emit(data, lambda: render_slot_map(vm, controllers, devices, buses, live=view is not None))
     return 0
 
 
-def render_slot_map(vm: VMSpec, devices: Sequence[Device], buses: dict[str, list[str]], *, live: bool) -> str:
-    """The slot map as text: one row of 32 marks per bus, then the device table."""
+def render_slot_map(
+    vm: VMSpec, controllers: Sequence[Controller], devices: Sequence[Device], buses: dict[str, list[str]], *, live: bool
+) -> str:
+    """The slot map as text: one row of 32 marks per bus (a port's bus shows its one slot), then the tables."""
     lines = [f"VM {vm.name} (machine {vm.machine})" + ("" if live else "; no --qmp: foreign devices not shown")]
     ruler = "".join(str(s // 10) if s % 10 == 0 else " " for s in range(NUM_SLOTS))
+    width = max([8, *(len(bus) for bus in buses)])
+    where = {c.id: f"{c.kind} at {c.bus} {c.addr}, chassis {c.chassis}" for c in controllers}
+    lines.append(f"  {'':<{width}} {ruler}")
     for bus, states in buses.items():
-        lines.append(f"  {bus:<8} {ruler}")
-        lines.append(f"  {'':<8} {''.join(_SLOT_MARKS[s] for s in states)}")
-    lines.append("  legend: R reserved, O ours, P pending (attaching/detaching), F foreign, . free")
+        marks = "".join(_SLOT_MARKS[s] for s in states)
+        lines.append(f"  {bus:<{width}} {marks}" + (f"  ({where[bus]})" if bus in where else ""))
+    lines.append("  legend: R reserved, O ours, M ours, several functions, P pending (attaching/detaching), "
+                 "C port or bridge, F foreign, . free")
     if devices:
-        lines.append(f"  {'ID':<28} {'TYPE':<8} {'DRIVER':<16} {'BUS':<8} {'SLOT':>4}  STATE")
+        lines.append(f"  {'ID':<28} {'TYPE':<8} {'DRIVER':<16} {'BUS':<{width}} {'ADDR':>6}  STATE")
         for d in devices:
-            lines.append(f"  {d.qemu_id:<28} {d.dev_type:<8} {d.driver:<16} {d.bus:<8} {d.slot:>4}  {d.state.value}")
+            addr = f"{d.slot:#04x}.{d.function}"
+            lines.append(f"  {d.qemu_id:<28} {d.dev_type:<8} {d.driver:<16} {d.bus:<{width}} {addr:>6}  {d.state.value}")
     return "\n".join(lines)
 
 
-def slot_states(vm: VMSpec, devices: Sequence[Device], view: PciOccupancy | None) -> dict[str, list[str]]:
-    names = [ROOT_BUS, *sorted({d.bus for d in devices} - {ROOT_BUS})]
+def slot_states(
+    vm: VMSpec, controllers: Sequence[Controller], devices: Sequence[Device], view: PciOccupancy | None
+) -> dict[str, list[str]]:
+    """``{bus: 32 slot states}`` for every bus of the VM's topology (and foreign buses QEMU shows)."""
+    topo = Topology(vm, controllers)
     if view is not None:
-        names += sorted({f.qdev_id for f in view.functions if f.secondary_bus and f.qdev_id} - set(names))
+        topo.occupy_live(view)
+    ours = {d.qemu_id for d in devices}
+    ids = {c.id for c in controllers}
     buses: dict[str, list[str]] = {}
-    for bus in names:
-        mask = SlotMap(vm.mask_for(bus))
-        states = ["reserved" if mask.is_masked(s) else "free" for s in range(NUM_SLOTS)]
-        ours = {d.qemu_id for d in devices}
-        if view is not None:
-            try:
-                number = view.bus_number(bus)
-            except KvmSlotsError:
-                number = None
-            if number is not None:
-                for f in view.functions:
-                    if f.bus == number and f.qdev_id not in ours and states[f.slot] == "free":
-                        states[f.slot] = "foreign"
-        for d in devices:
-            if d.bus == bus:
-                pending = d.state in (DeviceState.ATTACHING, DeviceState.DETACHING)
-                states[d.slot] = "pending" if pending else "ours"
-        buses[bus] = states
+    for bus in [*topo.walk(), *(topo.bus(d.bus) for d in devices if d.bus not in topo.buses)]:
+        states = ["reserved" if bus.slots.is_masked(s) else "free" for s in range(NUM_SLOTS)]
+        for slot, held in bus.functions.items():
+            holders = set(held.values())
+            if holders & ids:
+                states[slot] = "controller"
+            elif view is not None and not holders & ours and not bus.slots.is_masked(slot):
+                states[slot] = "foreign"
+        on_bus = [d for d in devices if d.bus == bus.name]
+        for d in on_bus:
+            if d.state in (DeviceState.ATTACHING, DeviceState.DETACHING):
+                states[d.slot] = "pending"
+            elif states[d.slot] != "pending":
+                states[d.slot] = "group" if d.in_group else "ours"
+        buses[bus.name] = states
     return buses
 
 
@@ -392,20 +489,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="plan a VM's boot devices and print the -device arguments")
     p.add_argument("vm")
-    p.add_argument("--device", action="append", default=[], metavar="TYPE:UUID:DRIVER[:key=value,...]")
-    p.add_argument("--mask", help="32-character reservation mask of pci.0 (default 1111 then zeros)")
-    p.add_argument("--machine", help="QEMU machine type (default pc)")
+    p.add_argument("--device", action="append", default=[], metavar="TYPE:UUID:DRIVER[:key=value,...]",
+                   help="a device of the VM (repeat for each; the list is the VM's whole device set)")
+    p.add_argument("--group", action="append", default=[], metavar="UUID,UUID,...",
+                   help="put these --device entries in one multifunction slot, as functions 0, 1, ... in this order")
+    p.add_argument("--machine", help="QEMU machine type: pc, q35, or a versioned name such as pc-q35-7.2 "
+                   "(default pc; checked against the QEMU binary's own list when one is found)")
+    p.add_argument("--qemu", metavar="BINARY", help="QEMU binary whose machine types --machine is checked "
+                   "against (default $KVMSLOTS_QEMU, else qemu-system-x86_64 on PATH)")
+    reserve = p.add_mutually_exclusive_group()
+    reserve.add_argument("--mask", help="32-character reservation mask of the root bus (default: the machine's "
+                         "built-ins; pc 1111 then zeros, q35 slots 0, 1 and 0x1f)")
+    reserve.add_argument("--reserve-slots", type=int, metavar="N",
+                         help="reserve the first N slots (0-32) of the root bus: Ganeti's kvm_pci_reservations")
+    p.add_argument("--hotplug-ports", type=int, metavar="N", help="q35: spare pcie-root-ports kept for hot add "
+                   f"(default {DEFAULT_HOTPLUG_PORTS}); ports cannot be added while the VM runs")
+    p.add_argument("--spare-bridge", action="store_true", default=None,
+                   help="pc: plan a pci-bridge up front, so hot add has room once pci.0 is full")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("attach", help="hot add a device to a running VM")
+    p = sub.add_parser("attach", help="hot add a device (or several, or a multifunction group) to a running VM")
     p.add_argument("vm")
     p.add_argument("--qmp", required=True, metavar="SOCKET")
-    p.add_argument("--type", required=True)
-    p.add_argument("--uuid", required=True)
-    p.add_argument("--driver", required=True)
-    p.add_argument("--prop", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--bus", default=ROOT_BUS)
-    p.add_argument("--slot", type=int)
+    p.add_argument("--type", help="device type, the first part of its id (nic, disk, ...)")
+    p.add_argument("--uuid", help="the device's UUID (its id carries the first group)")
+    p.add_argument("--driver", help="QEMU device model, e.g. virtio-net-pci")
+    p.add_argument("--prop", action="append", default=[], metavar="KEY=VALUE", help="a device property (repeatable)")
+    p.add_argument("--device", action="append", default=[], metavar="TYPE:UUID:DRIVER[:key=value,...]",
+                   help="a device to add (repeatable, instead of --type/--uuid/--driver); all or nothing")
+    p.add_argument("--same-slot", action="store_true",
+                   help="put the --device entries in one multifunction slot (functions 0, 1, ... in order)")
+    p.add_argument("--bus", help="bus to use (default: chosen by machine type: pci.0 then bridges on pc, "
+                   "a free pcie-root-port on q35)")
+    p.add_argument("--slot", type=int, help="slot to use (default: the first free one; 0 behind a root port)")
     p.set_defaults(func=cmd_attach)
 
     p = sub.add_parser("detach", help="hot remove a device; confirmed by DEVICE_DELETED")
@@ -497,6 +613,10 @@ def _validate_early(args: argparse.Namespace) -> None:
         validate_vm_name(args.vm)
     if getattr(args, "uuid", None) is not None:
         validate_uuid(args.uuid)
+    for name in ("reserve_slots", "hotplug_ports"):
+        value = getattr(args, name, None)
+        if value is not None and value < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must not be negative, got {value}")
     if getattr(args, "timeout", None) is not None:
         args.timeout = _seconds(args.timeout, "--timeout")
     args.qmp_timeout = (

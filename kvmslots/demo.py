@@ -120,9 +120,9 @@ def run_demo(state_dir: str | None = None, *, as_json: bool = False) -> int:
                             return await mon.pci()
 
                     live = asyncio.run(view())
-                    devices = store.devices(VM)
-                    return render_slot_map(store.get_vm(VM), devices, slot_states(store.get_vm(VM), devices, live),
-                                           live=True)
+                    devices, controllers, spec = store.devices(VM), store.controllers(VM), store.get_vm(VM)
+                    buses = slot_states(spec, controllers, devices, live)
+                    return render_slot_map(spec, controllers, devices, buses, live=True)
 
                 steps.say(steps.run("slot map before", show, lambda _: "drawn below"))
 

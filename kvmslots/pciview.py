@@ -64,6 +64,10 @@ class PciOccupancy(dict[int, set[int]]):
         self.functions.append(function)
         self.setdefault(function.bus, set()).add(function.slot)
 
+    def without(self, qdev_ids: set[str]) -> "PciOccupancy":
+        """This view with the devices of *qdev_ids* gone (their removal was confirmed)."""
+        return PciOccupancy((f for f in self.functions if f.qdev_id not in qdev_ids), self.peripherals and (self.peripherals - qdev_ids))
+
     def slots(self, bus: int) -> set[int]:
         """Occupied slots of bus number *bus* (empty for an unknown bus)."""
         return set(self.get(bus, ()))

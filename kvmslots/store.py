@@ -546,6 +546,12 @@ class Store:
         with self.reading() as txn:
             return txn.get_device(vm, uuid)
 
+    def controllers(self, vm: str) -> list[Controller]:
+        """The root ports and bridges planned for *vm*, by chassis number."""
+        with self.reading() as txn:
+            txn.get_vm(vm)
+            return txn.controllers(vm)
+
     # -- export / import ------------------------------------------------------
     def export_vm(self, name: str) -> dict[str, Any]:
         """One VM's state as a versioned JSON-ready document."""

@@ -242,8 +242,9 @@ class Topology:
                 self.buses[name].take(function.slot, function.function, function.qdev_id or function.description)
 
     def set_hotplug(self, bus: str, reason: str | None) -> None:
-        """What QEMU says about *bus*: None when it takes hotplug, else why not."""
-        if bus in self.buses and (reason is not None or self.buses[bus].kind is not BusKind.PCIE_ROOT):
+        """What QEMU says about *bus*: None when it takes hotplug, else why not.  A reason found
+        already (an unnumbered bus, a bus QEMU lacks, pcie.0) stays."""
+        if bus in self.buses and reason is not None and self.buses[bus].no_hotplug is None:
             self.buses[bus].no_hotplug = reason
 
     def number(self, bus: str) -> int | None:

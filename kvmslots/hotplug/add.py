@@ -24,6 +24,7 @@ from ..errors import (
     MonitorError,
     MonitorTimeout,
     QemuCommandError,
+    SlotError,
     SlotOccupied,
     UnplugGuestError,
     VerificationFailed,
@@ -35,6 +36,7 @@ from ..pciview import PciOccupancy
 from ..store import Store
 from .common import (
     unplug,
+    removed_from_view,
     RACE_RETRIES,
     SLOT_TAKEN_TEXT,
     Unit,
@@ -170,7 +172,12 @@ async def _add_units(
     for attempt in range(RACE_RETRIES + 1):
         view = await _view(monitor, fresh=attempt > 0)
         support = await hotplug_support(monitor, vm_spec, view)
-        reserved = _reserve(store, vm, units, view, support)
+        try:
+            reserved = _reserve(store, vm, units, view, support)
+        except SlotError:
+            if attempt > 0 or view is not getattr(monitor, "placement_view", None):
+                raise
+            continue  # the kept view may be older than a removal made elsewhere: judge by a fresh one
         added: list[Device] = []
         in_flight: Device | None = None
         try:
@@ -373,6 +380,7 @@ async def _undo_added(
     if deleted:
         state = DeviceState.DETACHING if recorder.sent else DeviceState.ATTACHING
         forget_all(store, vm, [d.with_state(state) for d in devices])
+        removed_from_view(monitor, [d.qemu_id for d in devices])
         return failure
     with store.transaction() as txn:
         for device in devices:

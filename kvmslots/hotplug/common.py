@@ -74,9 +74,9 @@ def topology(
 ) -> Topology:
     """The VM's topology with every holder applied: mask, controllers, our records, QEMU's view."""
     topo = Topology(vm, txn.controllers(vm.name))
-    topo.occupy_devices(txn.devices(vm.name))
-    if view is not None:
+    if view is not None:  # first, so that buses QEMU shows get their kind (a port has one slot) from QEMU
         topo.occupy_live(view)
+    topo.occupy_devices(txn.devices(vm.name))
     for bus, reason in (hotplug or {}).items():
         topo.set_hotplug(bus, reason)
     return topo
@@ -186,6 +186,13 @@ async def unplug(
     if also:
         return await monitor.device_del(qdev_id, timeout, on_sent, also=also)
     return await monitor.device_del(qdev_id, timeout, on_sent)
+
+
+def removed_from_view(monitor: MonitorLike, qdev_ids: Iterable[str]) -> None:
+    """Keep the connection's placement view true after a confirmed removal (see :mod:`.add`)."""
+    view = getattr(monitor, "placement_view", None)
+    if view is not None:
+        monitor.placement_view = view.without(set(qdev_ids))  # type: ignore[attr-defined]
 
 
 def arguments_in_plug_order(devices: Sequence[Device]) -> list[dict[str, Any]]:

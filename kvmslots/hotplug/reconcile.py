@@ -13,7 +13,7 @@ from ..passthrough import HostDevices
 from ..pciview import PciOccupancy
 from ..store import Store, Transaction
 from ..topology import Topology
-from .common import unplug, UnplugRecorder, forget_all, group_of, log, require_host, restore, topology
+from .common import unplug, removed_from_view, UnplugRecorder, forget_all, group_of, log, require_host, restore, topology
 
 @dataclass
 class ReconcileReport:
@@ -93,6 +93,8 @@ async def reconcile(
         before = {d.qemu_id: d for d in store.devices(vm)}
         require_host(vm, before.values(), host, "reconcile")
         view = await monitor.pci()
+        if hasattr(monitor, "placement_view"):
+            monitor.placement_view = view  # the freshest view there is
         report, unsent = _reconcile_view(store, vm, view)
         try:
             for group in unsent:
@@ -211,6 +213,7 @@ async def _resend_unplug(
         report.resent += [d.qemu_id for d in group]  # said even when the eject follows at once
     if deleted:
         forget_all(store, vm, [d.with_state(DeviceState.DETACHING) for d in group])
+        removed_from_view(monitor, [d.qemu_id for d in group])
         report.released += [d.qemu_id for d in group]
     elif recorder.already:
         report.pending += [d.qemu_id for d in group]

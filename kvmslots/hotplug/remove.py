@@ -19,7 +19,7 @@ from ..model import Device, DeviceState
 from ..monitor import Monitor, MonitorLike, validate_timeout
 from ..passthrough import HostDevices, is_passthrough
 from ..store import Store
-from .common import unplug, UnplugRecorder, find, forget_all, group_of, require_host, restore
+from .common import unplug, removed_from_view, UnplugRecorder, find, forget_all, group_of, require_host, restore
 
 
 class HotDelStatus(str, enum.Enum):
@@ -86,20 +86,11 @@ async def hot_del(
             raise InvalidPciRequest(f"Device {uuid} passes a host device through: hot_del needs host=HostDevices(tracker)")
         result = await _hot_del(store, monitor, vm, uuid, timeout)
         if result.removed:
-            _forget_view(monitor, result.devices)
+            removed_from_view(monitor, (d.qemu_id for d in result.devices))
             if host is not None:
                 for device in result.devices:
                     host.release_guest_device(vm, device)
         return result
-
-
-def _forget_view(monitor: MonitorLike, devices: tuple[Device, ...]) -> None:
-    """Keep the connection's placement view true: the removed devices no longer hold their slot."""
-    view = getattr(monitor, "placement_view", None)
-    if view is not None:
-        gone = {d.qemu_id for d in devices}
-        if any(f.qdev_id in gone for f in view.functions):
-            monitor.placement_view = None  # type: ignore[attr-defined]  # read again on next use
 
 
 async def _hot_del(store: Store, monitor: MonitorLike, vm: str, uuid: str, timeout: float) -> HotDelResult:
@@ -187,6 +178,7 @@ async def watch_unplugs(
                 if not all(d.qemu_id in gone_ids for d in group):
                     continue  # a slot is free only when every function is gone
                 for device in forget_all(store, vm, [d for d in group if d.state is DeviceState.DETACHING]):
+                    removed_from_view(monitor, [device.qemu_id])
                     if host is not None:
                         host.release_guest_device(vm, device)
                     released.append(device.qemu_id)
