@@ -380,7 +380,7 @@ def test_devices_behind_an_unnumbered_bridge_are_never_taken_for_removed(tmp_pat
                     report = await reconcile(store, mon, "vm1")
                     assert report.unverified == [plan.devices[0].qemu_id]
                     assert report.lost == [] and report.released == []
-                    with pytest.raises(kvmslots.MonitorError, match="firmware"):
+                    with pytest.raises(kvmslots.BusNotHotpluggable, match="firmware"):
                         await hot_add(store, mon, "vm1", DeviceSpec(uid(2), "rng", "virtio-rng-pci", bus="br1"))
 
             asyncio.run(scenario())

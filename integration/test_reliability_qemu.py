@@ -71,9 +71,10 @@ def test_item1_a_stopped_qemu_ends_a_command_with_a_typed_timeout(qtest_vm):
 
 def test_item1_attach_to_a_wedged_qemu_fails_releases_the_lock_and_reconcile_settles_it(qtest_vm, state):
     with QmpFaultProxy(qtest_vm.qmp_path) as proxy:
-        # CLI attach: qmp_capabilities, query-pci, device_add (+ query-pci pipelined).  QEMU gets the
-        # device_add; its answer never comes back.
-        proxy.arm("c2s", 3, "after", "stall")
+        # CLI attach: qmp_capabilities, the probe (query-commands, qom-get of the machine type),
+        # query-pci, qom-get of pci.0's hotplug handler, device_add (+ query-pci pipelined).  QEMU gets
+        # the device_add; its answer never comes back.
+        proxy.arm("c2s", 6, "after", "stall")
         proc = kvmslots_cli(state, "--qmp-timeout", "1", "attach", "vm1", "--qmp", proxy.listen,
                             "--type", "rng", "--uuid", U[1], "--driver", "virtio-rng-pci")
         assert proxy.fired, proxy.describe()
