@@ -309,31 +309,32 @@ class Topology:
         return Placement(bus.name, slot, 0, added)
 
     def _place_q35(self, functions: int, hotplug: bool, holder: str) -> Placement:
-        refused: list[str] = []
+        refused: list[tuple[str, str]] = []
         for port in self.ports():
             if not port.slots.is_free(0):
                 continue
             if hotplug and port.no_hotplug is not None:
-                refused.append(f"{port.name}: {port.no_hotplug}")
+                refused.append((port.name, port.no_hotplug))
                 continue
             return self._take(port, 0, functions, holder)
         if hotplug:
             if refused:
-                raise BusNotHotpluggable(refused[0].split(":", 1)[0], "; ".join(refused), vm=self.vm.name)
+                reason = refused[0][1] if len(refused) == 1 else "; ".join(f"{name}: {why}" for name, why in refused)
+                raise BusNotHotpluggable(refused[0][0], reason, vm=self.vm.name)
             raise NoHotplugPort(self.vm.name, len(self.ports()))
         port = self._attach(self.add_port())
         return self._take(port, 0, functions, holder)
 
     def _place_pc(self, functions: int, hotplug: bool, remaining: int, holder: str) -> Placement:
         chain = [self.root, *self.bridges()]
-        refused: list[str] = []
+        refused: list[tuple[str, str]] = []
         for index, bus in enumerate(chain):
             free = bus.free_slots()
             if not free:
                 continue
             if hotplug:
                 if bus.no_hotplug is not None:
-                    refused.append(f"{bus.name}: {bus.no_hotplug}")
+                    refused.append((bus.name, bus.no_hotplug))
                     continue
                 return self._take(bus, free[0], functions, holder)
             last = index == len(chain) - 1
@@ -342,11 +343,11 @@ class Topology:
                 return self._take(bridge, bridge.slots.first_free(), functions, holder)
             return self._take(bus, free[0], functions, holder)
         if hotplug and refused:
-            raise BusNotHotpluggable(
-                refused[0].split(":", 1)[0],
-                "; ".join(refused) + " (and every other bus is full)",
-                vm=self.vm.name,
-            )
+            # one refused bus is named once; "every other bus is full" only when there were others
+            reason = refused[0][1] if len(refused) == 1 else "; ".join(f"{name}: {why}" for name, why in refused)
+            if len(chain) > len(refused):
+                reason += " (and every other bus is full)"
+            raise BusNotHotpluggable(refused[0][0], reason, vm=self.vm.name)
         hint = "plan the VM with spare_bridge (--spare-bridge) and boot it again" if hotplug else None
         raise SlotsExhausted(None if len(chain) > 1 else self.root.name, hint, vm=self.vm.name)
 
