@@ -52,7 +52,7 @@ def test_plan_prints_device_arguments_and_json(cli, tmp_path):
                     f"-device virtio-rng-pci,id=rng-{U2[:8]}-pci-5,bus=pci.0,addr=0x5"]
     rows = jrun(cli, "plan", "vm1", "--device", f"nic:{U1}:virtio-net-pci:mac=52:54:00:00:00:01",
                 "--device", f"rng:{U2}:virtio-rng-pci")
-    assert [set(r) for r in rows] == [{"id", "uuid", "type", "driver", "bus", "slot", "arg"}] * 2
+    assert [set(r) for r in rows] == [{"id", "uuid", "type", "driver", "bus", "slot", "function", "arg"}] * 2
     assert [r["slot"] for r in rows] == [4, 5]
     assert os.stat(cli.state).st_mode & 0o777 == 0o700
     # QEMU boots with exactly these arguments, and show --qmp sees them as ours
@@ -68,13 +68,13 @@ def test_attach_show_detach_reconcile_on_a_booted_guest(cli, kvm_test_vm):
     cli("plan", "vm1")
     added = jrun(cli, "attach", "vm1", "--qmp", qmp, "--type", "rng", "--uuid", U1, "--driver", "virtio-rng-pci")
     assert added == {"id": f"rng-{U1[:8]}-pci-4", "uuid": U1, "type": "rng", "driver": "virtio-rng-pci",
-                     "bus": "pci.0", "slot": 4}
+                     "bus": "pci.0", "slot": 4, "function": 0}
     kvm_test_vm.wait_guest_pci(lambda seen: "0000:00:04.0" in seen)
     drawn = cli("show", "vm1", "--qmp", qmp).stdout
     assert "RRRRO" in drawn and f"rng-{U1[:8]}-pci-4" in drawn
     assert jrun(cli, "reconcile", "vm1", "--qmp", qmp)["unknown"] == []
     removed = jrun(cli, "detach", "vm1", "--qmp", qmp, "--uuid", U1, "--timeout", "30")
-    assert removed == {"id": f"rng-{U1[:8]}-pci-4", "uuid": U1, "result": "removed"}
+    assert removed == {"id": f"rng-{U1[:8]}-pci-4", "uuid": U1, "result": "removed", "ids": [f"rng-{U1[:8]}-pci-4"]}
     kvm_test_vm.wait_guest_pci(lambda seen: "0000:00:04.0" not in seen)
 
 

@@ -167,6 +167,26 @@ def test_q35_ports_cold_and_hot_until_no_port_is_left(tmp_path: Path) -> None:
 # --- pc: a full pci.0 grows a bridge at boot; hot add goes behind it ---------------------------
 
 
+def test_q35_native_pcie_hotplug_add_then_remove_at_once(tmp_path: Path) -> None:
+    """With native PCIe hotplug QEMU refuses a device_del while the guest is still powering the slot
+    on ("guest is busy"); hot_del right after hot_add must still end in a confirmed removal."""
+    with Store(tmp_path / "state") as store:
+        plan = run(plan_boot(store, VMSpec("vm1", machine="q35", hotplug_ports=1), []))
+        native = ["-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off"]
+        with TestVM(tmp_path / "vm", machine="q35", extra_args=["-nic", "none", *native, *plan.qemu_args]) as vm:
+
+            async def scenario():
+                async with Monitor(vm.qmp_path) as mon:
+                    device = await hot_add(store, mon, "vm1", rng(1))
+                    result = await hot_del(store, mon, "vm1", device.uuid, timeout=UNPLUG_WAIT)
+                    return device, result
+
+            device, result = run(scenario())
+            assert device.bus == plan.controllers[0].id
+            assert result.removed and store.devices("vm1") == []
+
+
+
 def test_pc_forty_devices_grow_a_bridge_and_hot_add_goes_behind_it(tmp_path: Path) -> None:
     specs = [pci_testdev(n) if n % 2 else rng(n) for n in range(1, 41)]
     with Store(tmp_path / "state") as store:

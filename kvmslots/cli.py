@@ -203,7 +203,6 @@ def cmd_plan(args: argparse.Namespace, store: Store, out: Output) -> int:
     rows = [{**_controller_json(c), "arg": c.device_option()} for c in plan.controllers]
     rows += [{**_device_json(d), "arg": d.device_option()} for d in plan.devices]
     for row in rows:
-        row.pop("driver")
         row.pop("chassis", None)
     # Quoted for a POSIX shell: a value such as mac=$(touch x) stays data in `qemu ... $(kvmslots plan ...)`
     # only through eval; quoted, `eval "qemu-system-x86_64 $(kvmslots plan ...)"` is safe.

@@ -367,7 +367,7 @@ def test_plan_json_lists_ports_and_devices(tmp_path, capsys):
         ("port", None, "pcie.0", 2, 0), ("port", None, "pcie.0", 2, 1), ("port", None, "pcie.0", 2, 2),
         ("nic", uid(1), "pcie-port-1", 0, 0), ("rng", uid(2), "pcie-port-2", 0, 0), ("rng", uid(3), "pcie-port-2", 0, 1),
     ]
-    assert set(rows[0]) == {"id", "type", "uuid", "bus", "slot", "function", "arg"}
+    assert set(rows[0]) == {"id", "type", "uuid", "driver", "bus", "slot", "function", "arg"}
 
 
 def test_plan_refuses_an_unknown_machine_with_exit_2(tmp_path, capsys):
