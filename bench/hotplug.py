@@ -72,7 +72,7 @@ async def _rounds(vm: TestVM, store: Store, rounds: int, batch_rounds: int, poll
             result = await hot_del(store, mon, "bench", device.uuid, timeout=30)
             our_del.append(time.perf_counter() - start)
             assert result.removed
-        emit("hotplug.add: hot_add vs raw device_add", our_add, raw_add, target="<= 1.5x", limit=1.5)
+        emit("hotplug.add: hot_add vs raw device_add", our_add, raw_add, target="<= 1.3x", limit=1.3)
         emit("hotplug.del: hot_del vs raw device_del + DEVICE_DELETED", our_del, raw_del, target="<= 1.1x", limit=1.1)
         emit("hotplug.first_add: first hot_add on a connection (capability probe, bus hotplug, view) vs later ones",
              our_add[:1], our_add[1:])
@@ -184,7 +184,7 @@ def run(rounds: int = 50, batch_rounds: int = 8, poll_rounds: int = 5, q35_round
 
         acpi = _q35(Path(tmp), store, "q35-acpi", False, q35_rounds, 5)
         emit("hotplug.q35.add: hot_add vs raw device_add (root port, ACPI)", acpi["our_add"], acpi["raw_add"],
-             target="<= 1.5x", limit=1.5)
+             target="<= 1.3x", limit=1.3)
         emit("hotplug.q35.del: hot_del vs raw device_del + DEVICE_DELETED (root port, ACPI)", acpi["our_del"],
              acpi["raw_del"][:q35_rounds], target="<= 1.1x", limit=1.1)
         emit("hotplug.q35.first_add: first hot_add on a connection (probe, port hotplug, view) vs later ones",

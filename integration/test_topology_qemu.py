@@ -380,7 +380,7 @@ def test_qemu_too_old_or_without_device_add_is_refused_and_the_hmp_version_is_re
                     assert real.version == version
                     assert {"device_add", "device_del"} <= real.commands
                     assert real.machine == capabilities.binary_machines(qemu_binary())["pc"]
-                    capabilities._check(real, store.get_vm("vm1"))  # the real QEMU passes
+                    capabilities.check_capabilities(real, store.get_vm("vm1"))  # the real QEMU passes
 
                     # HMP-only version fallback, against the real QEMU's `info version`
                     hmp_only = NoQueryVersion(mon)

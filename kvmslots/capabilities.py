@@ -46,6 +46,7 @@ __all__ = [
     "QemuCapabilities",
     "probe",
     "check_qemu",
+    "check_capabilities",
     "hotplug_support",
     "check_machine_available",
     "binary_machines",
@@ -126,7 +127,9 @@ async def _version(monitor: Any) -> tuple[int, int, int]:
     return version
 
 
-def _check(caps: QemuCapabilities, vm: VMSpec) -> None:
+def check_capabilities(caps: QemuCapabilities, vm: VMSpec) -> None:
+    """Refuse a QEMU too old for kvmslots, without ``device_add``/``device_del``, or running
+    another machine type than *vm* was planned for."""
     if caps.version < MIN_QEMU_VERSION:
         raise QemuTooOld(caps.version, MIN_QEMU_VERSION)
     for command in REQUIRED_COMMANDS:
@@ -152,7 +155,7 @@ async def check_qemu(monitor: MonitorLike, vm: VMSpec) -> QemuCapabilities | Non
     """Refuse a QEMU that is too old, lacks ``device_add``/``device_del`` or runs another machine type."""
     caps = await probe(monitor)
     if caps is not None:
-        _check(caps, vm)
+        check_capabilities(caps, vm)
     return caps
 
 

@@ -13,7 +13,7 @@ import pytest
 
 import kvmslots
 from kvmslots import DeviceGroup, DeviceSpec, Store, VMSpec
-from kvmslots.capabilities import QemuCapabilities, _check, parse_info_version, parse_machine_help, same_machine
+from kvmslots.capabilities import QemuCapabilities, check_capabilities, parse_info_version, parse_machine_help, same_machine
 from kvmslots.cli import main
 from kvmslots.errors import (
     BusNotHotpluggable,
@@ -261,15 +261,15 @@ def test_pc_hot_add_without_room_names_the_spare_bridge():
 
 def test_capability_refusals_carry_their_facts():
     caps = QemuCapabilities((7, 2, 22), frozenset({"device_add", "device_del"}), "pc-i440fx-7.2")
-    _check(caps, VMSpec("vm1", "pc"))
+    check_capabilities(caps, VMSpec("vm1", "pc"))
     with pytest.raises(QemuTooOld) as old:
-        _check(QemuCapabilities((6, 2, 0), caps.commands, caps.machine), VMSpec("vm1"))
+        check_capabilities(QemuCapabilities((6, 2, 0), caps.commands, caps.machine), VMSpec("vm1"))
     assert old.value.version == (6, 2, 0) and old.value.minimum == (7, 2, 0)
     with pytest.raises(QemuCommandMissing) as missing:
-        _check(QemuCapabilities(caps.version, frozenset({"device_add"}), caps.machine), VMSpec("vm1"))
+        check_capabilities(QemuCapabilities(caps.version, frozenset({"device_add"}), caps.machine), VMSpec("vm1"))
     assert missing.value.command == "device_del"
     with pytest.raises(MachineMismatch) as other:
-        _check(caps, VMSpec("vm1", "q35"))
+        check_capabilities(caps, VMSpec("vm1", "q35"))
     assert (other.value.vm, other.value.planned, other.value.running) == ("vm1", "q35", "pc-i440fx-7.2")
 
 

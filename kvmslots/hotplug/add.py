@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Sequence
 
-from ..capabilities import check_qemu, hotplug_support
+from ..capabilities import QemuCapabilities, check_capabilities, check_qemu, hotplug_support
 from ..errors import (
     DeviceAddFailed,
     DeviceExists,
@@ -166,14 +166,18 @@ def _keep(monitor: MonitorLike, view: PciOccupancy | None) -> None:
 async def _add_units(
     store: Store, monitor: MonitorLike, vm: str, units: list[Unit], undo_timeout: float
 ) -> list[Device]:
-    vm_spec = store.get_vm(vm)
-    await check_qemu(monitor, vm_spec)  # refusals come before anything is reserved
+    caps = getattr(monitor, "capabilities", None)
+    if caps is None:  # first add on this connection: probe (and refuse) before anything is reserved
+        caps = await check_qemu(monitor, store.get_vm(vm))
     explicit = any(unit.slot is not None for unit in units)
     for attempt in range(RACE_RETRIES + 1):
         view = await _view(monitor, fresh=attempt > 0)
-        support = await hotplug_support(monitor, vm_spec, view)
+        if _new_buses(monitor, view):
+            support = await hotplug_support(monitor, store.get_vm(vm), view)
+        else:  # every bus in the view was asked about on this connection: no I/O
+            support = dict(getattr(monitor, "bus_hotplug"))
         try:
-            reserved = _reserve(store, vm, units, view, support)
+            reserved = _reserve(store, vm, units, view, support, caps)
         except SlotError:
             if attempt > 0 or view is not getattr(monitor, "placement_view", None):
                 raise
@@ -238,13 +242,28 @@ async def _add_and_view(monitor: MonitorLike, arguments: dict[str, Any]) -> PciO
     return await monitor.pci(placement_only=True)
 
 
+def _new_buses(monitor: MonitorLike, view: PciOccupancy) -> bool:
+    """Does *view* show a bus whose hotplug support this connection has not asked QEMU about yet?"""
+    known = getattr(monitor, "bus_hotplug", None)
+    if known is None:
+        return True
+    return not known or any(f.qdev_id not in known for f in view.functions if f.secondary_bus is not None and f.qdev_id)
+
+
 def _reserve(
-    store: Store, vm: str, units: Sequence[Unit], view: PciOccupancy, support: dict[str, str | None]
+    store: Store,
+    vm: str,
+    units: Sequence[Unit],
+    view: PciOccupancy,
+    support: dict[str, str | None],
+    caps: QemuCapabilities | None,
 ) -> list[tuple[list[Device], int | None]]:
-    """Phase one: choose and persist every place, in one write transaction."""
+    """Phase one: choose and persist every place, in one write transaction (a refusal rolls it back)."""
     reserved: list[tuple[list[Device], int | None]] = []
     with store.transaction() as txn:
         vm_spec = txn.get_vm(vm)
+        if caps is not None:
+            check_capabilities(caps, vm_spec)  # the VM's machine may have been re-planned meanwhile
         topo = topology(txn, vm_spec, view, support)
         for unit in units:
             for spec in members(unit):
