@@ -197,3 +197,30 @@ def test_the_pytest_plugin_gives_users_a_booted_guest(pytester):
     """)
     result = pytester.runpytest_subprocess("-q")
     result.assert_outcomes(passed=1)
+
+
+def test_q35_plan_attach_same_slot_show_and_detach_through_the_cli(cli, tmp_path):
+    U4, U5 = (str(uuid.UUID(int=(n << 96) | 0x4000_8000_0000_0000_0000)) for n in (4, 5))
+    rows = jrun(cli, "plan", "vm1", "--machine", "q35", "--hotplug-ports", "1", "--device", f"nic:{U1}:e1000e",
+                "--device", f"rng:{U2}:virtio-rng-pci", "--device", f"rng:{U3}:virtio-rng-pci", "--group", f"{U2},{U3}")
+    assert [(r["type"], r["bus"], r["function"]) for r in rows] == [
+        ("port", "pcie.0", 0), ("port", "pcie.0", 1), ("port", "pcie.0", 2),
+        ("nic", "pcie-port-1", 0), ("rng", "pcie-port-2", 0), ("rng", "pcie-port-2", 1),
+    ]
+    args = ["-nic", "none", *(a for r in rows for a in ("-device", r["arg"]))]
+    with TestVM(tmp_path / "vm", machine="q35", extra_args=args) as vm:
+        qmp = str(vm.qmp_path)
+        added = jrun(cli, "attach", "vm1", "--qmp", qmp, "--same-slot", "--device", f"rng:{U4}:virtio-rng-pci",
+                     "--device", f"test:{U5}:pci-testdev")
+        assert [(d["uuid"], d["bus"], d["slot"], d["function"]) for d in added] == [
+            (U4, "pcie-port-3", 0, 0), (U5, "pcie-port-3", 0, 1)
+        ]
+        shown = jrun(cli, "show", "vm1", "--qmp", qmp)
+        assert shown["buses"]["pcie-port-3"][0] == "group" and shown["buses"]["pcie.0"][2] == "controller"
+        assert " M" in cli("show", "vm1", "--qmp", qmp).stdout
+        proc = cli("attach", "vm1", "--qmp", qmp, "--type", "rng", "--uuid", str(uuid.uuid4()),
+                   "--driver", "virtio-rng-pci", expect=1)
+        assert "NoHotplugPort" in proc.stderr and "--hotplug-ports" in proc.stderr
+        removed = jrun(cli, "detach", "vm1", "--qmp", qmp, "--uuid", U5, "--timeout", "30")
+        assert removed["result"] == "removed" and removed["ids"] == [f"rng-{U4[:8]}-pci-0", f"test-{U5[:8]}-pci-0"]
+    cli("plan", "vm2", "--machine", "q35", "--device", f"nic:{U1}:e1000e:bus=x", expect=2)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+import kvmslots
+
 from kvmslots import (
     BusNotHotpluggable,
     ControllerKind,
@@ -253,6 +255,18 @@ def test_pc_multifunction_groups_cold_and_hot_leave_together(tmp_path: Path) -> 
                     # removing a member removes its whole slot: hot group by function 2, cold by function 0
                     hot_gone = await hot_del(store, mon, "vm1", group[2].uuid, timeout=UNPLUG_WAIT)
                     cold_gone = await hot_del(store, mon, "vm1", uid(1), timeout=UNPLUG_WAIT)
+
+                    # QEMU refuses function 0 after taking function 1: function 1 is removed again
+                    # and the slot is free (the next group gets it)
+                    bad = DeviceSpec(uid(20), "rng", "virtio-rng-pci", {"no-such-property": "1"})
+                    with pytest.raises(kvmslots.DeviceAddFailed, match="no-such-property") as failed:
+                        await hot_add_group(store, mon, "vm1", DeviceGroup((bad, rng(21))), undo_timeout=UNPLUG_WAIT)
+                    assert "undone" in str(failed.value)
+                    assert [d.uuid for d in store.devices("vm1")] == [uid(3)]
+                    assert not {uid(20)[:8], uid(21)[:8]} & {f.qdev_id[4:12] for f in (await mon.pci()).functions}
+                    again = await hot_add_group(store, mon, "vm1", DeviceGroup((rng(22), rng(23))))
+                    assert {d.slot for d in again} == {4}  # the lowest free slot: the cold group's, freed above
+                    await hot_del(store, mon, "vm1", uid(22), timeout=UNPLUG_WAIT)
                     return group, hot_gone, cold_gone, both
 
             group, hot_gone, cold_gone, both = run(scenario())
