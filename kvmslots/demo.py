@@ -4,7 +4,9 @@ It boots the tiny test guest (TCG) with three planned devices, hot-adds two,
 draws the slot map before and after, hot-removes one with the guest's
 confirmation, claims a passthrough device from a built-in example host
 inventory and shows its planned ``vfio-pci`` argument, reconciles, shuts the
-guest down, and says what each step did and how long it took.
+guest down.  Then the same on a ``q35`` machine: a device and a multifunction
+pair, each behind its own ``pcie-root-port``, a hot add into a spare port and
+its removal.  It says what each step did and how long it took.
 
 The state it creates stays in the state directory it reports (so that
 ``kvmslots --state DIR show demo`` works afterwards); the VM, its sockets and
@@ -25,7 +27,7 @@ from typing import Any, Callable, TypeVar
 
 from . import hotplug
 from .errors import KvmSlotsError
-from .model import DeviceSpec, VMSpec
+from .model import DeviceGroup, DeviceSpec, VMSpec
 from .monitor import Monitor
 from .store import Store
 from .testvm import TestVM
@@ -34,6 +36,7 @@ __all__ = ["run_demo", "main"]
 
 T = TypeVar("T")
 VM = "demo"
+Q35_VM = "demo-q35"
 # Built-in example host inventory: one SR-IOV NIC (a PF with 4 VFs) and one GPU-like device.
 EXAMPLE_DEVICE_SPEC = [{"vendor_id": "8086", "physical_network": "physnet1"}, {"vendor_id": "10de"}]
 EXAMPLE_ALIASES = [{"name": "gpu", "vendor_id": "10de", "product_id": "1eb8", "device_type": "type-PCI"}]
@@ -172,6 +175,7 @@ def run_demo(state_dir: str | None = None, *, as_json: bool = False) -> int:
                           lambda r: "records match QEMU" if not (r.changed or r.unknown or r.misplaced) else str(r.to_json()))
             finally:
                 steps.run("shut the guest down", lambda: vm.stop(), lambda _: "QEMU stopped, VM files removed")
+            _q35_part(store, steps, as_json)
     except KvmSlotsError as exc:
         print(f"kvmslots demo failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
@@ -180,6 +184,60 @@ def run_demo(state_dir: str | None = None, *, as_json: bool = False) -> int:
     else:
         steps.say(f"done. The state stays in {state}: try  kvmslots --state {state} show {VM}")
     return 0
+
+
+def _q35_part(store: Store, steps: _Steps, as_json: bool) -> None:
+    """The q35 machine: root ports planned per device plus spares, a hot add into a spare, its removal."""
+    from .cli import render_slot_map, slot_states
+
+    devices: list[DeviceSpec | DeviceGroup] = [
+        DeviceSpec(_new(), "nic", "virtio-net-pci", {"mac": "52:54:00:12:34:57"}),
+        DeviceGroup((DeviceSpec(_new(), "rng", "virtio-rng-pci"), DeviceSpec(_new(), "test", "pci-testdev"))),
+    ]
+    plan = steps.run(
+        "q35: plan a device and a multifunction pair, 2 spare ports",
+        lambda: asyncio.run(hotplug.plan_boot(store, VMSpec(Q35_VM, "q35", hotplug_ports=2), devices)),
+        lambda p: " ".join(p.qemu_args),
+    )
+    vm = steps.run(
+        "q35: boot (with -nic none: QEMU's default NIC would sit where the first ports go)",
+        lambda: TestVM(machine="q35", extra_args=["-nic", "none", *plan.qemu_args]).start(),
+        lambda v: f"QEMU pid {v.pid}, guest shell up",
+    )
+    try:
+        steps.run("q35: guest sees", vm.guest_pci_devices,
+                  lambda seen: ", ".join(sorted(a[5:] for a in seen if not a.startswith("0000:00:"))))
+
+        async def add() -> Any:
+            async with Monitor(vm.qmp_path) as mon:
+                await hotplug.reconcile(store, mon, Q35_VM)  # the planned devices are running: attached
+                device = await hotplug.hot_add(store, mon, Q35_VM, DeviceSpec(_new(), "rng", "virtio-rng-pci"))
+                return device, (await mon.query_pci()).bus_number(device.bus)
+
+        device, bus = steps.run("q35: hot add into a spare port", lambda: asyncio.run(add()),
+                                lambda r: f"{r[0].qemu_id} behind {r[0].bus}, slot 0")
+        steps.run("q35: guest sees it", lambda: vm.wait_guest_pci(lambda seen: f"0000:{bus:02x}:00.0" in seen),
+                  lambda _: f"0000:{bus:02x}:00.0")
+
+        def show() -> str:
+            async def view() -> Any:
+                async with Monitor(vm.qmp_path) as mon:
+                    return await mon.pci()
+
+            live = asyncio.run(view())
+            spec, controllers, recorded = store.get_vm(Q35_VM), store.controllers(Q35_VM), store.devices(Q35_VM)
+            return render_slot_map(spec, controllers, recorded, slot_states(spec, controllers, recorded, live), live=True)
+
+        steps.say(steps.run("q35: slot map", show, lambda _: "drawn below"))
+
+        async def remove() -> Any:
+            async with Monitor(vm.qmp_path) as mon:
+                return await hotplug.hot_del(store, mon, Q35_VM, device.uuid, timeout=30)
+
+        steps.run("q35: hot remove it", lambda: asyncio.run(remove()),
+                  lambda r: f"{r.device.qemu_id} {r.status}; {r.device.bus} is free again")
+    finally:
+        steps.run("q35: shut the guest down", lambda: vm.stop(), lambda _: "QEMU stopped, VM files removed")
 
 
 def main() -> int:
