@@ -27,7 +27,8 @@ from hypothesis import event, given, settings
 from hypothesis.control import currently_in_test_context
 from hypothesis import strategies as st
 
-from kvmslots import devid, model, pciview, store
+from kvmslots import capabilities, devid, model, pciview, store
+from kvmslots.model import machine_family
 from kvmslots.errors import (
     InvalidAlias,
     InvalidDeviceId,
@@ -426,6 +427,40 @@ def test_the_export_samples_are_valid():
                  json_texts(export_values).map(lambda t: t.encode("utf-8", "surrogatepass")), st.binary()))
 def test_parse_export_raises_only_kvmslots_errors(document):
     survives(store.parse_export, document)
+
+
+# --- what QEMU says of itself: capabilities.parse_info_version / parse_machine_help, machine names ------
+
+MACHINE_HELP = (
+    "Supported machines are:\n"
+    "pc                   Standard PC (i440FX + PIIX, 1996) (alias of pc-i440fx-7.2)\n"
+    "pc-i440fx-7.2        Standard PC (i440FX + PIIX, 1996) (default)\n"
+    "q35                  Standard PC (Q35 + ICH9, 2009) (alias of pc-q35-7.2)\n"
+)
+
+
+@FUZZ
+@given(st.one_of(st.text(), scalars, mutated_text("7.2.22Debian 1:7.2+dfsg-7\r\n", st.text(max_size=4)),
+                 mutated_text(MACHINE_HELP, st.text(max_size=8))))
+def test_qemu_self_descriptions_parse_or_say_no(text):
+    version = capabilities.parse_info_version(text)
+    assert version is None or all(isinstance(n, int) and n >= 0 for n in version)
+    if isinstance(text, str):
+        machines = capabilities.parse_machine_help(text)
+        assert all(isinstance(k, str) and isinstance(v, str) for k, v in machines.items())
+        for name in list(machines)[:20]:
+            survives(machine_family, name)
+
+
+@FUZZ
+@given(st.one_of(st.sampled_from(["pc", "q35", "pc-q35-7.2", "microvm"]), st.text(max_size=20), scalars),
+       st.one_of(st.integers(-5, 300), scalars), st.one_of(st.booleans(), scalars),
+       st.one_of(st.none(), st.integers(-3, 40), scalars), st.lists(st.integers(0, 3), max_size=10))
+def test_vm_specs_and_groups_raise_only_kvmslots_errors(machine, ports, spare, reserve, members):
+    survives(model.VMSpec, "vm1", machine, hotplug_ports=ports, spare_bridge=spare, reserve_slots=reserve)
+    specs = [model.DeviceSpec(f"0c1d2e3f-0000-4000-8000-00000000000{m}", "dev", "pci-testdev") for m in members]
+    survives(model.DeviceGroup, tuple(specs))
+    survives(model.DeviceGroup, specs, machine if isinstance(machine, str) else None, ports)
 
 
 # --- host PCI addresses: pci.address -------------------------------------------------------
