@@ -58,7 +58,7 @@ __all__ = [
 MIN_QEMU_VERSION = (7, 2, 0)
 REQUIRED_COMMANDS = ("device_add", "device_del")
 #: The seed's HMP version parse: ``info version`` prints ``7.2.22Debian 1:7.2+dfsg...`` (older: ``QEMU 2.5.0``).
-_INFO_VERSION_RE = re.compile(r"^\s*(?:QEMU\s+)?([0-9]+)\.([0-9]+)\.([0-9]+)", re.ASCII)
+_INFO_VERSION_RE = re.compile(r"^\s*(?:QEMU\s+)?([0-9]{1,5})\.([0-9]{1,5})\.([0-9]{1,5})(?![0-9])", re.ASCII)
 _ROOT_PATHS = {Machine.I440FX: "/machine/i440fx/pci.0", Machine.Q35: "/machine/q35/pcie.0"}
 
 
