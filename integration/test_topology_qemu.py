@@ -464,3 +464,27 @@ def test_machine_types_of_the_binary_and_the_default_reservations_match_qemu(tmp
             # every built-in QEMU shows sits on a reserved slot, and the default mask reserves no more
             assert shown == reserved == builtins, (machine, sorted(shown), sorted(reserved))
             assert report.unknown == []
+
+
+def test_a_port_numbered_after_a_refusal_is_used_on_the_same_connection(tmp_path: Path) -> None:
+    """Before the firmware runs a port has bus number 0 and is refused; once numbered (here: the test
+    plays the firmware through qtest) the same connection must not keep refusing it."""
+    with Store(tmp_path / "state") as store:
+        plan = run(plan_boot(store, VMSpec("vm1", machine="q35", hotplug_ports=1), []))
+        port = plan.controllers[0]
+        args = ["-nic", "none", *plan.qemu_args]
+        with TestVM(tmp_path / "vm", mode="qtest", machine="q35", extra_args=args) as vm:
+
+            async def scenario():
+                async with Monitor(vm.qmp_path) as mon:
+                    with pytest.raises(BusNotHotpluggable, match="firmware"):
+                        await hot_add(store, mon, "vm1", rng(1))
+                    assert store.devices("vm1") == []
+                    # secondary bus 1 (config offset 0x18: primary 0, secondary 1, subordinate 1)
+                    devfn = (port.slot << 3) | port.function
+                    vm.qtest(f"outl 0xcf8 {0x80000000 | (devfn << 8) | 0x18:#x}")
+                    vm.qtest("outl 0xcfc 0x00010100")
+                    return await hot_add(store, mon, "vm1", rng(1))
+
+            device = run(scenario())
+            assert (device.bus, device.slot, device.state) == (port.id, 0, DeviceState.ATTACHED)

@@ -345,6 +345,12 @@ def slot_states(
     return buses
 
 
+def cmd_delete(args: argparse.Namespace, store: Store, out: Output) -> int:
+    store.delete_vm(args.vm)
+    out.emit({"vm": args.vm, "deleted": True}, f"deleted the state of {args.vm} (its slots, ports and bridges)")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace, store: Store, out: Output) -> int:
     document = json.dumps(store.export_vm(args.vm), indent=2, sort_keys=True)
     if args.output:
@@ -540,6 +546,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("vm")
     p.add_argument("--qmp", required=True, metavar="SOCKET")
     p.set_defaults(func=cmd_reconcile)
+
+    p = sub.add_parser("delete", help="forget a VM's state (after it was destroyed; its host devices stay "
+                       "claimed until 'host free')")
+    p.add_argument("vm")
+    p.set_defaults(func=cmd_delete)
 
     p = sub.add_parser("export", help="print a VM's state as a versioned JSON document")
     p.add_argument("vm")

@@ -142,8 +142,11 @@ TRANSITIONS: Mapping[DeviceState, frozenset[DeviceState]] = {
     DeviceState.PLANNED: frozenset({DeviceState.ATTACHED, DeviceState.DETACHING}),  # seen running / unplug
     DeviceState.ATTACHING: frozenset({DeviceState.ATTACHED, DeviceState.DETACHING}),  # verified / undo
     DeviceState.ATTACHED: frozenset({DeviceState.DETACHING}),  # hot_del
-    # unplug request recorded again / refused (back to attached) / an undo the guest refused
-    DeviceState.DETACHING: frozenset({DeviceState.DETACHING, DeviceState.ATTACHED, DeviceState.ATTACHING}),
+    # unplug request recorded again / refused (back to attached, or to planned for a device that was
+    # never seen running) / an undo the guest refused
+    DeviceState.DETACHING: frozenset(
+        {DeviceState.DETACHING, DeviceState.ATTACHED, DeviceState.PLANNED, DeviceState.ATTACHING}
+    ),
 }
 
 
@@ -322,7 +325,11 @@ class Controller:
     chassis: int
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "kind", ControllerKind(self.kind))
+        try:
+            object.__setattr__(self, "kind", ControllerKind(self.kind))
+        except ValueError:
+            kinds = ", ".join(k.value for k in ControllerKind)
+            raise InvalidName(f"Controller kind must be one of {kinds}, got {shown(self.kind)}") from None
         validate_bus(self.id)
         validate_bus(self.bus)
         validate_slot(self.slot)

@@ -37,6 +37,7 @@ from ._shown import shown
 from .errors import (
     InvalidTimeout,
     MonitorConnectionLost,
+    MonitorError,
     MonitorTimeout,
     MonitorUnavailable,
     QemuCommandError,
@@ -340,6 +341,8 @@ class Monitor:
         )
         if isinstance(added, BaseException):
             raise added
+        if isinstance(view, QemuCommandError):  # QEMU took the device: this must not read as a refused add
+            raise MonitorError(f"QEMU took device_add of {arguments.get('id')} but then refused query-pci: {view}") from view
         if isinstance(view, BaseException):
             raise view
         return view

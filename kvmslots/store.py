@@ -38,6 +38,7 @@ from ._shown import shown
 from .devid import is_passthrough_driver, uuid8, validate_uuid, validate_vm_name
 from .errors import (
     SlotError,
+    UnsupportedMachine,
     DeviceExists,
     InvalidTransition,
     StateConflict,
@@ -162,7 +163,18 @@ class Transaction:
         ).fetchone()
         if row is None:
             return None
-        return VMSpec(row[0], row[1], row[2], json.loads(row[3]), hotplug_ports=row[4], spare_bridge=bool(row[5]))
+        try:
+            return VMSpec(row[0], row[1], row[2], json.loads(row[3]), hotplug_ports=row[4], spare_bridge=bool(row[5]))
+        except UnsupportedMachine as exc:  # stored by kvmslots < 0.3, which took any machine name
+            raise StateConflict(
+                f"VM {name!r} is stored with machine type {row[1]!r}, on which kvmslots no longer places "
+                f"devices ({exc}); delete its state (kvmslots delete {name}) and plan it again"
+            ) from None
+
+    def has_vm(self, name: str) -> bool:
+        """Is a VM of that name stored (readable or not)?"""
+        row = self._conn.execute("SELECT 1 FROM vms WHERE name = ?", (validate_vm_name(name),)).fetchone()
+        return row is not None
 
     def get_vm(self, name: str) -> VMSpec:
         vm = self.find_vm(name)
@@ -536,7 +548,7 @@ class Store:
 
     def has_vm(self, name: str) -> bool:
         with self.reading() as txn:
-            return txn.find_vm(name) is not None
+            return txn.has_vm(name)
 
     def vms(self) -> list[str]:
         with self.reading() as txn:
@@ -544,7 +556,8 @@ class Store:
 
     def delete_vm(self, name: str) -> None:
         with self.vm_lock_sync(name), self.transaction() as txn:
-            txn.get_vm(name)
+            if not txn.has_vm(name):
+                raise UnknownVM(f"No VM named {name!r} in the state store")
             txn.delete_vm(name)
 
     def devices(self, vm: str) -> list[Device]:
@@ -585,7 +598,7 @@ class Store:
         """
         vm, controllers, devices = parse_export(document)
         with self.vm_lock_sync(vm.name), self.transaction() as txn:
-            if txn.find_vm(vm.name) is not None:
+            if txn.has_vm(vm.name):
                 if not replace:
                     raise StateConflict(f"VM {vm.name!r} already exists; import with replace=True to overwrite it")
                 txn.delete_vm(vm.name)

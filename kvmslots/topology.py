@@ -150,8 +150,14 @@ class Topology:
         if root_kind is BusKind.PCIE_ROOT:
             root.no_hotplug = _NO_HOTPLUG_PCIE_ROOT
         self.buses[root.name] = root
-        for controller in sorted(controllers, key=_controller_order):
-            self._attach(controller)
+        pending = sorted(controllers, key=lambda c: c.chassis)
+        while pending:  # parents first, whatever their chassis numbers (an import may bring any)
+            ready = [c for c in pending if c.bus in self.buses]
+            if not ready:
+                self._attach(pending[0])  # raises: its parent bus exists nowhere
+            for controller in ready:
+                self._attach(controller)
+            pending = [c for c in pending if c not in ready]
 
     # -- structure -------------------------------------------------------------------------
     @property
@@ -198,9 +204,9 @@ class Topology:
         return [b for b in self.buses.values() if b.kind is BusKind.PCI_BRIDGE and b.controller is not None]
 
     def _next_chassis(self) -> int:
-        used = {c.chassis for c in self.controllers}
-        chassis = next((n for n in range(1, 256) if n not in used), None)
-        if chassis is None:
+        # above every number in use: a new bridge's chassis is always higher than its parent's
+        chassis = max((c.chassis for c in self.controllers), default=0) + 1
+        if chassis > 255:
             raise SlotsExhausted(None, "a VM has at most 255 ports and bridges", vm=self.vm.name)
         return chassis
 
@@ -415,12 +421,6 @@ class Topology:
             if bus.number == bus_number and bus.number is not None:
                 return bus.slots.is_masked(slot) and not bus.is_port
         return False
-
-
-def _controller_order(controller: Controller) -> tuple[int, int]:
-    # parents before children: ports sit on pcie.0; bridges chain, and a bridge's chassis is
-    # always higher than its parent's (they are numbered as they are added)
-    return (controller.chassis, 0)
 
 
 def _bus_kind(kind: ControllerKind) -> BusKind:

@@ -103,3 +103,57 @@ class ReconnectingFakeQemu(FakeQemu):
         if not self.can_reconnect:
             raise MonitorConnectionLost("fake: reconnect failed")
         self.connected = True
+
+
+class Q35Fake:
+    """A q35 VM's monitor for fault injection: root ports ``{id: (slot, function, chassis)}``, devices
+    ``{qdev_id: (bus, slot, function)}``; a port's bus number is its chassis, or 0 when not numbered."""
+
+    def __init__(self, ports: dict[str, tuple[int, int, int]], numbered: bool = True) -> None:
+        self.ports = ports
+        self.numbered = numbered
+        self.devices: dict[str, tuple[str, int, int]] = {}
+        self.placement_view = None
+        self.bus_hotplug: dict[str, str | None] = {}
+        self.capabilities = None
+        self.fail_view_after_add = False
+
+    def _number(self, bus: str) -> int:
+        return 0 if bus == "pcie.0" else (self.ports[bus][2] if self.numbered else 0)
+
+    async def pci(self, *, placement_only: bool = False) -> PciOccupancy:
+        functions = [PciFunction(0, 0, 0, "", 0x8086, 0x29C0, "Host bridge"), PciFunction(0, 1, 0, "", 0x1234, 0x1111, "VGA"),
+                     PciFunction(0, 0x1F, 0, "", 0x8086, 0x2918, "ISA bridge")]
+        for pid, (slot, function, _) in self.ports.items():
+            functions.append(PciFunction(0, slot, function, pid, 0x1B36, 0x000C, "PCI bridge", self._number(pid)))
+        for qid, (bus, slot, function) in self.devices.items():
+            number = self._number(bus)
+            if bus == "pcie.0" or number:
+                functions.append(PciFunction(number, slot, function, qid))
+        return PciOccupancy(functions, None if placement_only else set(self.devices) | set(self.ports))
+
+    async def device_add(self, arguments: Mapping[str, Any]) -> None:
+        bus, (slot, _, function) = arguments["bus"], str(arguments["addr"]).partition(".")
+        place = (bus, int(slot, 16), int(function or 0))
+        for qid, held in self.devices.items():
+            if held == place:
+                raise QemuCommandError("device_add", f"PCI: slot {place[1]} function {place[2]} not available for x, in use by {qid}", "GenericError")
+        self.devices[arguments["id"]] = place
+
+    async def device_add_and_view(self, arguments: Mapping[str, Any]) -> PciOccupancy:
+        await self.device_add(arguments)
+        if self.fail_view_after_add:
+            from kvmslots.errors import MonitorError
+
+            raise MonitorError("fake: QEMU took the device_add but then refused query-pci")
+        return await self.pci(placement_only=True)
+
+    async def device_del(self, qdev_id: str, timeout: float, on_sent=None, *, also=()) -> bool:
+        if qdev_id not in self.devices:
+            raise QemuCommandError("device_del", f"Device '{qdev_id}' not found", "DeviceNotFound")
+        if on_sent is not None:
+            on_sent(False)
+        bus, slot, _ = self.devices[qdev_id]
+        for qid in [q for q, (b, s, _) in self.devices.items() if (b, s) == (bus, slot)]:
+            del self.devices[qid]  # QEMU unplugs a slot whole
+        return True

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from ..capabilities import QemuCapabilities, check_capabilities, check_qemu, hotplug_support
 from ..errors import (
+    BusNotHotpluggable,
     DeviceAddFailed,
     DeviceExists,
     HotplugError,
@@ -35,7 +36,7 @@ from ..passthrough import HostDevices, PassthroughSpec, holds_host_device
 from ..pciview import PciOccupancy
 from ..store import Store
 from .common import (
-    unplug,
+    unplug_taken,
     removed_from_view,
     RACE_RETRIES,
     SLOT_TAKEN_TEXT,
@@ -178,10 +179,12 @@ async def _add_units(
             support = dict(getattr(monitor, "bus_hotplug"))
         try:
             reserved = _reserve(store, vm, units, view, support, caps)
-        except SlotError:
-            if attempt > 0 or view is not getattr(monitor, "placement_view", None):
+        except (SlotError, BusNotHotpluggable):
+            if attempt > 0:
                 raise
-            continue  # the kept view may be older than a removal made elsewhere: judge by a fresh one
+            # the kept view may be older than a removal made elsewhere, or than the firmware numbering
+            # a port or bridge: judge by a fresh one
+            continue
         added: list[Device] = []
         in_flight: Device | None = None
         try:
@@ -239,7 +242,10 @@ async def _add_and_view(monitor: MonitorLike, arguments: dict[str, Any]) -> PciO
         view: PciOccupancy = await pipelined(arguments)
         return view
     await monitor.device_add(arguments)
-    return await monitor.pci(placement_only=True)
+    try:
+        return await monitor.pci(placement_only=True)
+    except QemuCommandError as exc:  # QEMU took the device: this must not read as a refused add
+        raise MonitorError(f"QEMU took device_add of {arguments.get('id')} but then refused query-pci: {exc}") from exc
 
 
 def _new_buses(monitor: MonitorLike, view: PciOccupancy) -> bool:
@@ -328,7 +334,8 @@ async def _undo(
             forget_all(store, vm, devices)
     count = sum(len(devices) for devices, _ in reserved)
     what = "Batch hot add" if len(reserved) > 1 else "Hot add of a multifunction group"
-    text = f"{what} of {count} device(s) to {vm!r} failed and was undone"
+    outcome = "was undone" if not notes else "was undone as far as QEMU allowed"
+    text = f"{what} of {count} device(s) to {vm!r} failed and {outcome}"
     if not isinstance(cause, QemuCommandError):
         text += f": {cause!r}" if not str(cause) else f": {cause}"
     if notes:
@@ -375,7 +382,7 @@ async def _undo_added(
         return "'detaching' (QEMU has its unplug)" if recorder.sent else "'attaching'"
 
     try:
-        deleted = await _unplug(monitor, taken, timeout, recorder)
+        deleted = await unplug_taken(monitor, taken, timeout, recorder)
     except QemuCommandError as exc:
         log.error("Could not undo %s: %s", taken[0].qemu_id, exc)
         return with_note(
@@ -408,32 +415,6 @@ async def _undo_added(
         f"its removal is not confirmed yet, so slot {slot} stays reserved until DEVICE_DELETED arrives "
         "(hot_del, watch_unplugs or reconcile finishes it)"
     )
-
-
-async def _unplug(monitor: MonitorLike, taken: list[Device], timeout: float, recorder: UnplugRecorder) -> bool:
-    """Remove what QEMU has of one slot; True when every removal is confirmed.
-
-    An id QEMU does not know (``DeviceNotFound``) counts as removed.
-    """
-    zero = next((d for d in taken if d.function == 0), None)
-    if zero is not None:
-        others = [d.qemu_id for d in taken if d is not zero]
-        return await _device_del(monitor, zero.qemu_id, timeout, recorder, others)
-    done = True
-    for device in reversed(taken):  # functions without their function 0: the guest never saw them
-        done = await _device_del(monitor, device.qemu_id, timeout, recorder, []) and done
-    return done
-
-
-async def _device_del(
-    monitor: MonitorLike, qdev_id: str, timeout: float, recorder: UnplugRecorder, also: list[str]
-) -> bool:
-    try:
-        return await unplug(monitor, qdev_id, timeout, recorder, also)
-    except QemuCommandError as exc:
-        if exc.error_class != "DeviceNotFound":
-            raise
-        return True
 
 
 async def _undo_unknown(

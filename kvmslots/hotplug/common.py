@@ -188,6 +188,32 @@ async def unplug(
     return await monitor.device_del(qdev_id, timeout, on_sent)
 
 
+async def unplug_taken(monitor: MonitorLike, taken: list[Device], timeout: float, recorder: UnplugRecorder) -> bool:
+    """Remove what QEMU has of one slot; True when every removal is confirmed.
+
+    An id QEMU does not know (``DeviceNotFound``) counts as removed.
+    """
+    zero = next((d for d in taken if d.function == 0), None)
+    if zero is not None:
+        others = [d.qemu_id for d in taken if d is not zero]
+        return await _device_del(monitor, zero.qemu_id, timeout, recorder, others)
+    done = True
+    for device in reversed(taken):  # functions without their function 0: the guest never saw them
+        done = await _device_del(monitor, device.qemu_id, timeout, recorder, []) and done
+    return done
+
+
+async def _device_del(
+    monitor: MonitorLike, qdev_id: str, timeout: float, recorder: UnplugRecorder, also: list[str]
+) -> bool:
+    try:
+        return await unplug(monitor, qdev_id, timeout, recorder, also)
+    except QemuCommandError as exc:
+        if exc.error_class != "DeviceNotFound":
+            raise
+        return True
+
+
 def removed_from_view(monitor: MonitorLike, qdev_ids: Iterable[str]) -> None:
     """Keep the connection's placement view true after a confirmed removal (see :mod:`.add`)."""
     view = getattr(monitor, "placement_view", None)

@@ -13,7 +13,7 @@ from ..passthrough import HostDevices
 from ..pciview import PciOccupancy
 from ..store import Store, Transaction
 from ..topology import Topology
-from .common import unplug, removed_from_view, UnplugRecorder, forget_all, group_of, log, require_host, restore, topology
+from .common import unplug_taken, removed_from_view, UnplugRecorder, forget_all, group_of, log, require_host, topology
 
 @dataclass
 class ReconcileReport:
@@ -75,6 +75,8 @@ async def reconcile(
     detaching, unplug requested  present                      none, the guest decides (``pending``)
     detaching, never sent        present                      ``device_del`` sent now (``resent``)
     detaching, never sent        present, unplug refused      -> attached (``restored``)
+    attaching group              function 0 absent, others    they are unplugged (``resent``, then
+                                 present                      ``released`` once QEMU confirms)
     any                          present elsewhere            none (``misplaced``)
     any                          on no bus (unnumbered)       none (``unverified``)
     ===========================  ===========================  ====================================
@@ -97,8 +99,8 @@ async def reconcile(
             monitor.placement_view = view  # the freshest view there is
         report, unsent = _reconcile_view(store, vm, view)
         try:
-            for group in unsent:
-                await _resend_unplug(store, monitor, vm, group, unplug_wait, report)
+            for group, taken in unsent:
+                await _resend_unplug(store, monitor, vm, group, taken, unplug_wait, report)
         finally:  # records already released free their host devices even if QEMU fails us now
             if host is not None:
                 for qid in report.released + report.lost:
@@ -153,26 +155,55 @@ def _action(state: DeviceState, requested: bool, live: Live) -> Action | None:
     return _TABLE[key] if key in _TABLE else _TABLE[(state, None, live)]
 
 
-def _reconcile_view(store: Store, vm: str, view: PciOccupancy) -> tuple[ReconcileReport, list[list[Device]]]:
+def _reconcile_view(
+    store: Store, vm: str, view: PciOccupancy
+) -> tuple[ReconcileReport, list[tuple[list[Device], list[Device]]]]:
     """The table of :func:`reconcile`, in one transaction; returns the detaching slots whose unplug
     never reached QEMU (they need QEMU again, outside the transaction)."""
     report = ReconcileReport(vm)
-    unsent: list[list[Device]] = []
+    unsent: list[tuple[list[Device], list[Device]]] = []
     with store.transaction() as txn:
         vm_spec = txn.get_vm(vm)
         topo = topology(txn, vm_spec, view)
         devices = txn.devices(vm)
         requested = txn.unplug_requested(vm)
+        orphans = _orphan_groups(devices, view, topo)
+        for group in orphans:  # a group add that died before function 0: undone, not promoted
+            for device in group:
+                txn.set_state(vm, device.uuid, DeviceState.DETACHING)
+            detaching = [d.with_state(DeviceState.DETACHING) for d in group]
+            unsent.append((detaching, [d for d in detaching if _live(d, view, topo) is Live.PRESENT]))
+        orphaned = {d.uuid for group in orphans for d in group}
         for device in devices:
+            if device.uuid in orphaned:
+                continue
             action = _action(device.state, device.uuid in requested, _live(device, view, topo))
             if action is Action.RESEND:
                 group = group_of(devices, device)
                 if group[0] is device:  # a slot is unplugged once, through its function 0
-                    unsent.append(group)
+                    unsent.append((group, group))
             elif action is not None:
                 _apply(txn, vm, device, action, report)
         report.unknown = _unknown_devices(topo, devices, view)
     return report, unsent
+
+
+def _orphan_groups(devices: Sequence[Device], view: PciOccupancy, topo: Topology) -> list[list[Device]]:
+    """Groups still ``attaching`` whose function 0 QEMU does not have but some other function it has.
+
+    A hot add plugs function 0 last; a process that died before it leaves functions the guest can
+    never see (it finds a slot by its function 0).  They are not attached: reconcile unplugs them.
+    """
+    orphans = []
+    for device in devices:
+        if not (device.function == 0 and device.multifunction and device.state is DeviceState.ATTACHING):
+            continue
+        group = group_of(devices, device)
+        if _live(device, view, topo) is Live.ABSENT and any(
+            _live(d, view, topo) is Live.PRESENT for d in group[1:]
+        ):
+            orphans.append(group)
+    return orphans
 
 
 def _live(device: Device, view: PciOccupancy, topo: Topology) -> Live:
@@ -193,21 +224,27 @@ def _apply(txn: Transaction, vm: str, device: Device, action: Action, report: Re
 
 
 async def _resend_unplug(
-    store: Store, monitor: MonitorLike, vm: str, group: list[Device], wait: float, report: ReconcileReport
+    store: Store,
+    monitor: MonitorLike,
+    vm: str,
+    group: list[Device],
+    taken: list[Device],
+    wait: float,
+    report: ReconcileReport,
 ) -> None:
-    """Finish a detach whose ``device_del`` never reached QEMU (the process died first)."""
+    """Finish a detach whose ``device_del`` never reached QEMU (the process died first), or undo
+    an orphaned group add (*taken*: the functions QEMU has; without their function 0 they are
+    unplugged one by one)."""
     first = group[0]
     recorder = UnplugRecorder(store, vm, [d.uuid for d in group])
-    also = [d.qemu_id for d in group[1:]]
     try:
-        deleted = await unplug(monitor, first.qemu_id, wait, recorder, also)
+        deleted = await unplug_taken(monitor, taken, wait, recorder)
     except (QemuCommandError, UnplugGuestError) as exc:
         if isinstance(exc, QemuCommandError) and exc.error_class == "DeviceNotFound":
             deleted = True
         else:  # QEMU or the guest will not unplug it (e.g. a bus without hotplug): it stays, and is ours
             log.warning("Unplug of %s refused during reconcile: %s", first.qemu_id, exc.qemu_message)
-            restore(store, vm, [d.uuid for d in group], DeviceState.ATTACHED)
-            report.restored += [d.qemu_id for d in group]
+            report.restored += _restore_detaching(store, vm, group)
             return
     if recorder.sent and not recorder.already:
         report.resent += [d.qemu_id for d in group]  # said even when the eject follows at once
@@ -217,6 +254,19 @@ async def _resend_unplug(
         report.released += [d.qemu_id for d in group]
     elif recorder.already:
         report.pending += [d.qemu_id for d in group]
+
+
+def _restore_detaching(store: Store, vm: str, group: list[Device]) -> list[str]:
+    """Back to ``attached``: the members still stored as ``detaching`` (a member released earlier in
+    the same pass is not brought back)."""
+    restored = []
+    with store.transaction() as txn:
+        for device in group:
+            current = txn.find_device(vm, device.uuid)
+            if current is not None and current.state is DeviceState.DETACHING:
+                txn.set_state(vm, device.uuid, DeviceState.ATTACHED)
+                restored.append(device.qemu_id)
+    return restored
 
 
 def _unknown_devices(topo: Topology, devices: Sequence[Device], view: PciOccupancy) -> list[dict[str, Any]]:

@@ -177,6 +177,7 @@ async def watch_unplugs(
                 group = group_of(devices, detaching[qid])
                 if not all(d.qemu_id in gone_ids for d in group):
                     continue  # a slot is free only when every function is gone
+                gone_ids.difference_update(d.qemu_id for d in group)  # a later incarnation starts afresh
                 for device in forget_all(store, vm, [d for d in group if d.state is DeviceState.DETACHING]):
                     removed_from_view(monitor, [device.qemu_id])
                     if host is not None:
