@@ -22,7 +22,7 @@ from typing import Mapping
 
 from .devid import PropValue, validate_uuid
 from .errors import HostBindError, InvalidPciRequest, KvmSlotsError, PciError
-from .model import ROOT_BUS, Device, DeviceSpec
+from .model import Device, DeviceSpec
 from .pci.binding import HostBinder
 from .pci.device import PciDevice, PciStatus
 from .pci.request import SOURCE_PASSTHROUGH, InstancePciRequest
@@ -47,7 +47,7 @@ class PassthroughSpec:
 
     uuid: str
     request: InstancePciRequest
-    bus: str = ROOT_BUS
+    bus: str | None = None  # None: placed by machine type, as any device (a root port on q35)
     slot: int | None = None
     props: Mapping[str, PropValue] = field(default_factory=dict)
 

@@ -296,3 +296,17 @@ def test_reconcile_frees_host_devices_of_released_records_even_when_qemu_fails_i
         run(reconcile(store, qemu, "vm1", host=hostdevs))
     assert tracker.get_device(a.props["host"]).status is PciStatus.AVAILABLE
     assert tracker.get_device(b.props["host"]).status is PciStatus.ALLOCATED  # QEMU may still hold it
+
+
+def test_a_passthrough_device_on_q35_boots_and_hot_adds_behind_a_root_port(env):
+    from fakes import Q35Fake
+
+    store, tracker, devices, binder = env
+    plan = run(plan_boot(store, VMSpec("vm2", "q35", hotplug_ports=1), [gpu(1)], host=devices))
+    [device] = plan.devices
+    assert (device.driver, device.bus, device.slot) == ("vfio-pci", "pcie-port-1", 0)
+    qemu = Q35Fake({c.id: (c.slot, c.function, c.chassis) for c in plan.controllers})
+    qemu.devices[device.qemu_id] = (device.bus, 0, 0)
+    added = run(hot_add(store, qemu, "vm2", gpu(2), host=devices))
+    assert (added.bus, added.slot) == ("pcie-port-2", 0)
+    assert [d.address for d in tracker.get_instance_pci_devs("vm2", dev_uuid(2))] == [added.props["host"]]
