@@ -488,3 +488,22 @@ def test_a_port_numbered_after_a_refusal_is_used_on_the_same_connection(tmp_path
 
             device = run(scenario())
             assert (device.bus, device.slot, device.state) == (port.id, 0, DeviceState.ATTACHED)
+
+
+def test_the_synchronous_facade_plugs_groups_and_batches(tmp_path: Path) -> None:
+    from kvmslots import SlotManager
+
+    with SlotManager(tmp_path / "state") as manager, TestVM(tmp_path / "vm", mode="qtest") as vm:
+        manager.define_vm(VMSpec("vm1"))
+        group = manager.hot_add_group("vm1", DeviceGroup((rng(1), pci_testdev(2))), qmp=vm.qmp_path)
+        batch = manager.hot_add_many("vm1", [rng(3), DeviceGroup((rng(4), rng(5)))], qmp=vm.qmp_path)
+
+        async def live():
+            async with Monitor(vm.qmp_path) as mon:
+                return await mon.query_pci()
+
+        view = run(live())
+        placed = [(d.slot, d.function) for d in group + batch]
+        assert placed == [(4, 0), (4, 1), (5, 0), (6, 0), (6, 1)]
+        assert all((view.find(d.qemu_id).slot, view.find(d.qemu_id).function) == (d.slot, d.function)
+                   for d in group + batch)

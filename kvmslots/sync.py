@@ -15,7 +15,7 @@ from typing import Awaitable, Callable, Sequence, TypeVar
 from typing import TYPE_CHECKING, Any
 
 from . import hotplug
-from .model import Device, DeviceSpec, VMSpec
+from .model import Device, DeviceGroup, DeviceSpec, VMSpec
 from .monitor import Monitor
 from .store import Store
 
@@ -72,7 +72,9 @@ class SlotManager:
     def define_vm(self, vm: VMSpec) -> VMSpec:
         return self.store.define_vm(vm)
 
-    def plan_boot(self, vm: VMSpec | str, devices: Sequence[DeviceSpec | PassthroughSpec]) -> hotplug.BootPlan:
+    def plan_boot(
+        self, vm: VMSpec | str, devices: Sequence[DeviceSpec | DeviceGroup | PassthroughSpec]
+    ) -> hotplug.BootPlan:
         return asyncio.run(hotplug.plan_boot(self.store, vm, devices, host=self.host))
 
     def hot_add(
@@ -80,6 +82,27 @@ class SlotManager:
     ) -> Device:
         return self._with_monitor(
             qmp, lambda mon: hotplug.hot_add(self.store, mon, vm, device, host=self.host, undo_timeout=undo_timeout)
+        )
+
+    def hot_add_many(
+        self,
+        vm: str,
+        devices: Sequence[DeviceSpec | DeviceGroup],
+        *,
+        qmp: str | os.PathLike[str],
+        undo_timeout: float = 5.0,
+    ) -> list[Device]:
+        """Several devices (and multifunction groups), all or nothing."""
+        return self._with_monitor(
+            qmp, lambda mon: hotplug.hot_add_many(self.store, mon, vm, devices, undo_timeout=undo_timeout)
+        )
+
+    def hot_add_group(
+        self, vm: str, group: DeviceGroup, *, qmp: str | os.PathLike[str], undo_timeout: float = 5.0
+    ) -> list[Device]:
+        """One multifunction slot; function 0 is plugged last."""
+        return self._with_monitor(
+            qmp, lambda mon: hotplug.hot_add_group(self.store, mon, vm, group, undo_timeout=undo_timeout)
         )
 
     def hot_del(
