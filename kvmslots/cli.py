@@ -458,9 +458,12 @@ def cmd_host_pools(args: argparse.Namespace, store: Store, out: Output) -> int:
 def cmd_host_claim(args: argparse.Namespace, store: Store, out: Output) -> int:
     from .pci.request import get_pci_requests_from_flavor, parse_aliases
 
-    aliases = parse_aliases(_read_json_file(args.aliases, "aliases file"))
+    tracker = _tracker(store)
+    # an alias may ask for any tag the operator's device_spec gave the tracked devices
+    extra_tags = {name for device in tracker.all_devs for name in device.tags}
+    aliases = parse_aliases(_read_json_file(args.aliases, "aliases file"), extra_tags=extra_tags)
     requests = get_pci_requests_from_flavor({"extra_specs": {"pci_passthrough:alias": args.request}}, aliases)
-    claimed = _tracker(store).claim_instance(args.vm, requests)
+    claimed = tracker.claim_instance(args.vm, requests)
     addresses = [d.address for d in claimed]
     out.emit(addresses, f"claimed for {args.vm}: {' '.join(addresses)}")
     return 0

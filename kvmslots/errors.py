@@ -58,6 +58,7 @@ __all__ = [
     "PciError",
     "InvalidPciAddress",
     "InvalidDeviceSpec",
+    "PciDeviceInvalidPFRemoteManaged",
     "InvalidAlias",
     "AliasNotDefined",
     "InvalidPciRequest",
@@ -403,6 +404,14 @@ class InvalidPciAddress(ValidationError, PciError):
 
 class InvalidDeviceSpec(ValidationError, PciError):
     """A ``device_spec`` (whitelist) entry is malformed (Nova: ``PciConfigInvalidSpec``)."""
+
+
+class PciDeviceInvalidPFRemoteManaged(InvalidDeviceSpec):
+    """A ``remote_managed`` device_spec entry would tag a PF itself (only its VFs may be); ``address`` is the PF."""
+
+    def __init__(self, message: str, address: str) -> None:
+        self.address = address
+        super().__init__(message)
 
 
 class InvalidAlias(ValidationError, PciError):

@@ -226,17 +226,35 @@ def test_all_hex_regex_dict_is_a_full_address_and_covers_vfs():
     assert w.device_assignable(dev("0000:04:10.0", parent="0000:04:00.0"))
 
 
-def test_regex_is_a_full_match_not_a_prefix():
+def test_regex_is_a_prefix_match_as_in_nova():
+    # Nova matches each part with re.match: the pattern only has to match the start
     w = wl({"address": {"bus": "0", "slot": "0[0-1]"}})
-    assert w.match(dev("0000:00:00.0")) is None
+    assert w.match(dev("0000:00:00.0")) == {}
+    assert w.match(dev("0000:0f:01.0")) == {}
+    assert w.match(dev("0000:10:00.0")) is None
     w = wl({"address": {"bus": "0.", "function": "[2-7]"}})
     assert w.device_assignable(dev("0000:0a:00.2"))
     assert not w.device_assignable(dev("0000:1a:00.2"))
+    w = wl({"address": {"slot": "0"}})
+    assert all(w.device_assignable(dev(f"0000:00:{s:02x}.0")) for s in range(0x10))
+    assert not any(w.device_assignable(dev(f"0000:00:{s:02x}.0")) for s in range(0x10, 0x20))
+    w = wl({"address": {"slot": "0$"}})  # anchored: a full match
+    assert not w.device_assignable(dev("0000:00:00.0"))
 
 
-def test_regex_ignores_case():
-    w = wl({"address": {"bus": "0A"}})
-    assert w.device_assignable(dev("0000:0a:00.0"))
+def test_regex_is_case_sensitive_as_in_nova():
+    # the device's parts are lowercase hex; "0A" matches no bus (Nova's re.compile without IGNORECASE)
+    assert not wl({"address": {"bus": "0A"}}).device_assignable(dev("0000:0a:00.0"))
+    assert wl({"address": {"bus": "0a"}}).device_assignable(dev("0000:0a:00.0"))
+    # an uppercase or short spelling of a full address stays a regex (Nova's sysfs lookup would not find it)
+    upper = wl({"address": {"domain": "0000", "bus": "0A", "slot": "00", "function": "0"}})
+    assert upper.specs[0].exact_addresses == frozenset()
+    assert not upper.device_assignable(dev("0000:0a:00.0"))
+    short = wl({"address": {"domain": "0", "bus": "0a", "slot": "0", "function": "0"}})
+    assert short.specs[0].exact_addresses == frozenset()
+    assert short.device_assignable(dev("0000:0a:05.0")) and short.device_assignable(dev("0abc:0a:00.0"))
+    assert not short.device_assignable(dev("0000:0a:10.0"))
+    assert not short.device_assignable(dev("0000:0b:10.0", parent="0000:0a:00.0"))
 
 
 def test_devname_and_vendor_filter():
@@ -304,6 +322,10 @@ BAD_ENTRIES = [
     ({"": "p"}, "tag name ''"),
     ({"dev_type": "type-VF"}, "'dev_type'"),
     ({"remote_managed": "maybe"}, "tag 'remote_managed' must be 'true' or 'false'"),
+    ({"managed": "invalid"}, "tag 'managed' must be 'true' or 'false', got 'invalid'"),
+    ({"live_migratable": "sure"}, "tag 'live_migratable' must be 'true' or 'false'"),
+    ({"managed": 2}, "tag 'managed'"),
+    ({"one_time_use": "TrUe"}, "one_time_use=true requires [pci] report_in_placement"),
 ]
 
 

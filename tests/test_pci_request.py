@@ -99,11 +99,14 @@ def test_placement_keys_are_refused_not_silently_unmatchable(key):
         parse_aliases([{"name": "a", "vendor_id": "8086", "product_id": "0443", key: "CUSTOM_QAT"}])
 
 
-def test_only_the_name_is_required_as_in_nova():
-    (spec,) = parse_aliases([{"name": "anyvf", "device_type": "type-VF"}])["anyvf"]
-    assert spec.to_spec() == {"dev_type": "type-VF"}
-    (vendor_only,) = parse_aliases([{"name": "intel", "vendor_id": "8086"}])["intel"]
-    assert vendor_only.to_spec() == {"vendor_id": "8086"}
+def test_vendor_and_product_ids_are_required_as_in_nova_34():
+    # Issue 10: Nova 34 (_validate_required_ids) refuses an alias without both ids.
+    for raw in ({"name": "anyvf", "device_type": "type-VF"}, {"name": "intel", "vendor_id": "8086"},
+                {"name": "p", "product_id": "0443"}):
+        with pytest.raises(InvalidAlias, match="does not have vendor_id and product_id fields set"):
+            parse_aliases([raw])
+        with pytest.raises(InvalidAlias, match="does not have vendor_id and product_id fields set"):
+            parse_alias(raw)
 
 
 def test_uppercase_ids_and_padded_name():
@@ -252,9 +255,11 @@ def test_undefined_alias(aliases):
         get_pci_requests_from_flavor(flavor("QAT:1, NOPE:1"), aliases)
 
 
-def test_duplicate_alias_in_extra_spec(aliases):
-    with pytest.raises(InvalidPciRequest, match="'QAT' appears more than once"):
-        get_pci_requests_from_flavor(flavor("QAT:1, GPU:1, QAT:2"), aliases)
+def test_an_alias_named_twice_in_the_extra_spec_is_two_requests(aliases):
+    # Issue 10: Nova gives "QAT:1, GPU:1, QAT:2" three requests (it used to be refused here).
+    requests = get_pci_requests_from_flavor(flavor("QAT:1, GPU:1, QAT:2"), aliases)
+    assert [(r.alias_name, r.count) for r in requests] == [("QAT", 1), ("GPU", 1), ("QAT", 2)]
+    assert len({r.request_id for r in requests}) == 3
 
 
 @pytest.mark.parametrize("key", ["pci_passthrough:aliases", "pci_passthrough:", "pci_passthrough:Alias"])

@@ -16,6 +16,8 @@ children exactly as they were.  The PF/VF links (``parent`` /
 from __future__ import annotations
 
 import enum
+import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
@@ -23,7 +25,9 @@ from .._shown import shown
 from ..errors import InvalidDevicesJson, PciDeviceInvalidOwner, PciDeviceInvalidStatus, ValidationError
 from .address import DEV_TYPE_PCI, DEV_TYPE_PF, DEV_TYPE_VF, DEV_TYPES, canonical_address, validate_pci_id
 
-__all__ = ["PciStatus", "PciDevice", "device_from_hypervisor", "HYPERVISOR_FIELDS", "ASSIGNED"]
+__all__ = ["PciStatus", "PciDevice", "device_from_hypervisor", "has_32bit_domain", "HYPERVISOR_FIELDS", "ASSIGNED"]
+
+log = logging.getLogger(__name__)
 
 
 class PciStatus(str, enum.Enum):
@@ -42,6 +46,22 @@ class PciStatus(str, enum.Enum):
 #: States in which a device belongs to an instance.
 ASSIGNED = frozenset({PciStatus.CLAIMED, PciStatus.ALLOCATED})
 _PARENT_OK = frozenset({PciStatus.AVAILABLE, PciStatus.UNCLAIMABLE, PciStatus.UNAVAILABLE})
+#: States a VF may wrongly be left in under an available PF (Nova bug 1969496): tolerated on a PF claim.
+_HELD_BY_PARENT = frozenset({PciStatus.UNCLAIMABLE, PciStatus.UNAVAILABLE})
+_WIDE_DOMAIN_RE = re.compile(r"\s*([0-9a-fA-F]{5,8}):[0-9a-fA-F]{1,2}:[0-9a-fA-F]{1,2}\.[0-7]\s*")
+_NUMA_TEXT_RE = re.compile(r"\s*(-?[0-9]{1,10})\s*")
+
+
+def has_32bit_domain(address: object) -> bool:
+    """Is *address* a PCI address whose domain needs more than 16 bits (``10000:00:02.0``)?
+
+    Such domains exist (devices behind Intel VMD) but cannot be assigned to a
+    guest; Nova skips them when it syncs.
+    """
+    if not isinstance(address, str):
+        return False
+    match = _WIDE_DOMAIN_RE.fullmatch(address)
+    return match is not None and int(match.group(1), 16) > 0xFFFF
 
 #: The keys of a hypervisor device record (Nova's ``pci_passthrough_devices`` JSON).
 HYPERVISOR_FIELDS = (
@@ -113,9 +133,17 @@ class PciDevice:
         self._require({PciStatus.AVAILABLE}, "claim")
         changed: list[PciDevice] = []
         if self.dev_type == DEV_TYPE_PF:
-            busy = [vf.address for vf in self.children if not vf.is_available]
+            busy = [vf for vf in self.children if not vf.is_available]
+            in_use = [vf.address for vf in busy if vf.status not in _HELD_BY_PARENT]
+            if in_use:
+                raise PciDeviceInvalidStatus(f"Cannot claim PF {self.address}: its VFs {in_use} are not available")
             if busy:
-                raise PciDeviceInvalidStatus(f"Cannot claim PF {self.address}: its VFs {busy} are not available")
+                # Nova bug 1969496: an available PF with an unclaimable/unavailable VF is inconsistent
+                # but harmless; Nova logs it and claims the PF, whose free then makes every VF available.
+                log.warning(
+                    "Some child device of parent %s is in an inconsistent state. Inconsistent children with "
+                    "state: %s", self.address, ",".join(f"{vf.address} - {vf.status.value}" for vf in busy),
+                )
             changed += _set_status(self.children, PciStatus.UNCLAIMABLE)
         elif self.dev_type == DEV_TYPE_VF and self.parent is not None:
             self.parent._require(_PARENT_OK, f"claim its VF {self.address}")
@@ -217,7 +245,7 @@ def device_from_hypervisor(raw: Mapping[str, Any], tags: Mapping[str, str] | Non
             raise InvalidDevicesJson(f"{where}: a VF cannot be its own parent")
     elif parent_addr is not None:
         raise InvalidDevicesJson(f"{where}: only a type-VF has a parent_addr")
-    numa_node = _optional_int(raw.get("numa_node"), f"{where}: numa_node", allow_negative_one=True)
+    numa_node = _optional_int(_numa_number(raw.get("numa_node")), f"{where}: numa_node", allow_negative_one=True)
     iommu_group = _optional_int(raw.get("iommu_group"), f"{where}: iommu_group")
     strings: dict[str, str | None] = {}
     for key in ("dev_id", "label", "devname", "parent_devname"):
@@ -239,6 +267,15 @@ def device_from_hypervisor(raw: Mapping[str, Any], tags: Mapping[str, str] | Non
         parent_devname=strings["parent_devname"] if dev_type == DEV_TYPE_VF else None,
         tags=dict(tags or {}),
     )
+
+
+def _numa_number(value: object) -> object:
+    """Nova's ``numa_node`` is an IntegerField: a decimal text (``"1"``) is coerced to its number."""
+    if isinstance(value, str):
+        match = _NUMA_TEXT_RE.fullmatch(value)
+        if match:
+            return int(match.group(1))
+    return value
 
 
 def _optional_int(value: object, what: str, allow_negative_one: bool = False) -> int | None:

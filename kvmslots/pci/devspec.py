@@ -27,8 +27,9 @@ Why this module is shaped the way it is:
 * :meth:`Whitelist.match` runs for every host device at every sync
   (thousands of VFs).  Everything is parsed and compiled once in
   :meth:`Whitelist.from_config`, and entries that name exact addresses (a full
-  glob address, an all-hex regex dict, an address list) sit in a dict keyed by
-  address, so they cost nothing for devices they do not name.  First match
+  glob address, a regex dict spelling one address in full, an address list)
+  sit in a dict keyed by address, so they cost nothing for devices they do
+  not name.  First match
   wins is kept by working with entry *positions*: candidates from the address
   index (for the device and for its parent PF) and the remaining "scan"
   entries are merged in ascending position and the first one that really
@@ -50,8 +51,9 @@ from types import MappingProxyType
 from typing import Any
 
 from .._shown import shown
-from ..errors import InvalidDevicesJson, InvalidDeviceSpec, InvalidPciAddress
+from ..errors import InvalidDevicesJson, InvalidDeviceSpec, InvalidPciAddress, PciDeviceInvalidPFRemoteManaged
 from .address import (
+    DEV_TYPE_PF,
     MAX_BUS,
     MAX_DOMAIN,
     MAX_FUNCTION,
@@ -85,8 +87,21 @@ _RESERVED_KEYS = frozenset({"address", "devname", "vendor_id", "product_id"})
 _RESERVED_TAGS = frozenset({"dev_type"})
 _REGEX_PARTS = ("domain", "bus", "slot", "function")
 _PART_LIMITS = {"domain": MAX_DOMAIN, "bus": MAX_BUS, "slot": MAX_SLOT, "function": MAX_FUNCTION}
+# oslo's strutils.bool_from_string words (compared after strip() and lower()).
 _TRUE_WORDS = frozenset({"1", "t", "true", "on", "y", "yes"})
 _FALSE_WORDS = frozenset({"0", "f", "false", "off", "n", "no"})
+_BOOL_WORDS_SHOWN = ", ".join(repr(w) for w in sorted(_TRUE_WORDS | _FALSE_WORDS))
+# Tags whose values become 'true'/'false' (Nova's _normalize_device_spec_tag, plus remote_managed,
+# which Nova reads as a boolean but keeps as written: "yes" would then never equal a port's "true").
+_BOOL_TAGS = ("managed", "live_migratable", "one_time_use", "remote_managed")
+# A regex dict whose four parts are spelled like this names one address (Nova's is_single_address
+# + sysfs lookup): it is indexed and covers that PF's VFs.
+_CANONICAL_PARTS = {
+    "domain": re.compile(r"[0-9a-f]{4}"),
+    "bus": re.compile(r"[0-9a-f]{2}"),
+    "slot": re.compile(r"[0-9a-f]{2}"),
+    "function": re.compile(r"[0-9a-f]"),
+}
 
 ConfigItem = str | Mapping[str, Any] | Sequence[Any]
 
@@ -127,11 +142,13 @@ class GlobAddress:
 
 @dataclass(frozen=True)
 class RegexAddress:
-    """``{"bus": "02", "slot": "0[1-2]"}``: each part fully matches the device's lowercase hex.
+    """``{"bus": "02", "slot": "0[1-2]"}``: each pattern matches the start of the device's part.
 
-    The device's parts are spelled with 4/2/2/1 digits (``0000``, ``0a``,
-    ``00``, ``1``), the way Nova spells them; patterns are matched without
-    regard to case.
+    As in Nova (``re.match``): the device's parts are spelled in lowercase hex
+    with 4/2/2/1 digits (``0000``, ``0a``, ``00``, ``1``); a pattern only has
+    to match a prefix (``{"slot": "0"}`` covers slots 00-0f, ``"[0-3]"``
+    matches ``00``; anchor with ``$`` for a full match) and case counts
+    (``"0A"`` matches no bus).
     """
 
     patterns: tuple[re.Pattern[str], re.Pattern[str], re.Pattern[str], re.Pattern[str]]
@@ -142,10 +159,10 @@ class RegexAddress:
         # addr_s is canonical "dddd:bb:ss.f": slicing is cheaper than formatting.
         domain, bus, slot, function = self.patterns
         return (
-            domain.fullmatch(addr_s[0:4]) is not None
-            and bus.fullmatch(addr_s[5:7]) is not None
-            and slot.fullmatch(addr_s[8:10]) is not None
-            and function.fullmatch(addr_s[11:]) is not None
+            domain.match(addr_s[0:4]) is not None
+            and bus.match(addr_s[5:7]) is not None
+            and slot.match(addr_s[8:10]) is not None
+            and function.match(addr_s[11:]) is not None
         )
 
 
@@ -217,8 +234,9 @@ def _parse_regex_dict(raw: Mapping[str, Any], where: str) -> AddressMatcher:
         if value == "":
             raise InvalidDeviceSpec(f"{where}: address {name} regex is empty (use '.*' for any)")
         texts.append(value)
-    if all(_HEX_RE.fullmatch(t) for t in texts):
-        # All four parts are plain hex: Nova treats this as one full address.
+    if all(_CANONICAL_PARTS[n].fullmatch(t) for t, n in zip(texts, _REGEX_PARTS)):
+        # All four parts spell one address as sysfs does: Nova looks it up as a PF, so it also
+        # covers that PF's VFs.  (Other all-hex spellings, "0" or "0A", stay prefix regexes, as in Nova.)
         domain, bus, slot, function = (
             _hex_part(t, n, _PART_LIMITS[n], where) for t, n in zip(texts, _REGEX_PARTS)
         )
@@ -226,7 +244,7 @@ def _parse_regex_dict(raw: Mapping[str, Any], where: str) -> AddressMatcher:
     compiled = []
     for name, text in zip(_REGEX_PARTS, texts):
         try:
-            compiled.append(re.compile(text, re.IGNORECASE))
+            compiled.append(re.compile(text))
         except (re.error, RecursionError, OverflowError) as exc:
             # Python's regex parser recurses per group ("((((...": RecursionError) and refuses
             # repeat counts beyond 2**32 ("a{4294967296}": OverflowError)
@@ -299,16 +317,26 @@ def _parse_tag(name: str, value: Any, where: str) -> str | None:
     return value
 
 
-def _bool_tag(tags: Mapping[str, str], name: str, where: str) -> bool:
-    value = tags.get(name)
-    if value is None:
-        return False
-    word = value.strip().lower()
+def _bool_tag_value(name: str, value: Any, where: str) -> str:
+    """Nova's ``_normalize_device_spec_tag``: a boolean-like value becomes 'true' or 'false'.
+
+    Like oslo's ``bool_from_string(strict=True)``: a JSON boolean, or a word
+    of :data:`_TRUE_WORDS`/:data:`_FALSE_WORDS` in any case and with spaces
+    around it; JSON 0 and 1 too (Nova reads them as ``str(value)``).
+    """
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int) and value in (0, 1):
+        return "true" if value else "false"
+    word = value.strip().lower() if isinstance(value, str) else None
     if word in _TRUE_WORDS:
-        return True
+        return "true"
     if word in _FALSE_WORDS:
-        return False
-    raise InvalidDeviceSpec(f"{where}: tag {shown(name)} must be 'true' or 'false', got {shown(value)}")
+        return "false"
+    raise InvalidDeviceSpec(
+        f"{where}: tag {shown(name)} must be 'true' or 'false', got {shown(value)} "
+        f"(acceptable values, in any case: {_BOOL_WORDS_SHOWN})"
+    )
 
 
 @dataclass(frozen=True)
@@ -337,17 +365,28 @@ class DeviceSpecEntry:
         address = _parse_address(raw["address"], where) if "address" in raw else AnyAddress()
         tags: dict[str, str] = {}
         for key, value in raw.items():
-            if key not in _RESERVED_KEYS:
-                tag = _parse_tag(key, value, where)
-                if tag is not None:
-                    tags[key] = tag
+            if key in _RESERVED_KEYS:
+                continue
+            if key in _BOOL_TAGS and value is not None:
+                tags[key] = _bool_tag_value(key, value, where)
+                continue
+            tag = _parse_tag(key, value, where)
+            if tag is not None:
+                tags[key] = tag
+        if tags.get("one_time_use") == "true":
+            # Nova: "one_time_use=true requires pci.report_in_placement to be enabled"; kvmslots
+            # has no placement reporting, so it could not keep the promise.
+            raise InvalidDeviceSpec(
+                f"{where}: one_time_use=true requires [pci] report_in_placement, "
+                "which kvmslots does not implement"
+            )
         return cls(
             address=address,
             vendor_id=_parse_id(raw.get("vendor_id", ANY), "vendor_id", where),
             product_id=_parse_id(raw.get("product_id", ANY), "product_id", where),
             devname=devname,
             tags=MappingProxyType(tags),
-            remote_managed=_bool_tag(tags, "remote_managed", where),
+            remote_managed=tags.get("remote_managed") == "true",
             where=where,
         )
 
@@ -361,9 +400,54 @@ class DeviceSpecEntry:
         return dict(self.tags)
 
     def match(self, dev: Mapping[str, Any]) -> bool:
-        """Does this entry cover the hypervisor device dict ``dev``?"""
+        """Does this entry cover the hypervisor device dict ``dev``?
+
+        Raises :class:`~kvmslots.errors.InvalidDeviceSpec` when the entry is
+        ``remote_managed`` and names ``dev``, a PF (see :meth:`check_pf`).
+        """
         addr, addr_s, parent_s = _device_addresses(dev)
+        self.check_pf(dev, addr_s)
         return self._matches(dev, addr, addr_s, parent_s)
+
+    @property
+    def names_devices(self) -> bool:
+        """Does the entry name devices (full addresses or an interface name), not patterns?"""
+        return self.devname is not None or bool(self.address.exact)
+
+    def check_pf(self, dev: Mapping[str, Any], addr_s: str) -> None:
+        """Nova's refusal of remote-managed PFs (``PciDeviceInvalidPFRemoteManaged``).
+
+        Nova checks at start-up, through sysfs, each ``remote_managed`` entry
+        whose address (or ``devname``) is a PF: the entry may only cover that
+        PF's VFs, so its ``product_id`` must be the VFs' one.  We have no
+        sysfs but we have the device: when ``dev`` is a PF named by this
+        entry (one of its full addresses, or its ``devname``), a
+        ``vendor_id`` other than the PF's (VFs share their PF's vendor) or a
+        ``product_id`` of ``*`` or the PF's own makes the entry invalid.
+        A ``product_id`` that is neither the PF's nor the VFs' (Nova's third
+        error) cannot be told from the PF record alone; such an entry simply
+        covers nothing.  Entries with wildcard addresses are not checked,
+        as in Nova.
+        """
+        if not self.remote_managed or dev.get("dev_type") != DEV_TYPE_PF:
+            return
+        if self.devname is not None:
+            if dev.get("devname") != self.devname:
+                return
+        elif addr_s not in self.address.exact:
+            return
+        vendor, product = _lower(dev.get("vendor_id")), _lower(dev.get("product_id"))
+        if self.vendor_id not in (ANY, vendor):
+            raise InvalidDeviceSpec(
+                f"{self.where}: the remote_managed entry names the PF {addr_s} but its vendor_id "
+                f"{shown(self.vendor_id)} is not the PF's ({shown(vendor)}); a VF has its PF's vendor ID"
+            )
+        if self.product_id in (ANY, product):
+            raise PciDeviceInvalidPFRemoteManaged(
+                f"{self.where}: PFs must not have the 'remote_managed' tag, device address: {addr_s} "
+                f"(to cover its VFs, set product_id to the VFs' product ID)",
+                addr_s,
+            )
 
     def _matches(self, dev: Mapping[str, Any], addr: PciAddress, addr_s: str, parent_s: str | None) -> bool:
         if self.vendor_id != ANY and _lower(dev.get("vendor_id")) != self.vendor_id:
@@ -474,6 +558,10 @@ class Whitelist:
                 scan.append(position)
         self._by_address: dict[str, tuple[int, ...]] = {k: tuple(v) for k, v in by_address.items()}
         self._scan: tuple[int, ...] = tuple(scan)
+        # remote_managed entries naming devices: checked against every PF (Nova checks them at start-up)
+        self._pf_checks: tuple[DeviceSpecEntry, ...] = tuple(
+            entry for entry in self.specs if entry.remote_managed and entry.names_devices
+        )
 
     @classmethod
     def from_config(cls, entries: ConfigItem | None) -> Whitelist:
@@ -489,8 +577,16 @@ class Whitelist:
         return len(self.specs)
 
     def get_devspec(self, dev: Mapping[str, Any]) -> DeviceSpecEntry | None:
-        """The first entry matching ``dev``, or None."""
+        """The first entry matching ``dev``, or None.
+
+        Raises :class:`~kvmslots.errors.InvalidDeviceSpec` when ``dev`` is a
+        PF that a ``remote_managed`` entry names (any entry, not only the
+        first match: Nova refuses such a config whatever its order).
+        """
         addr, addr_s, parent_s = _device_addresses(dev)
+        if self._pf_checks:
+            for entry in self._pf_checks:
+                entry.check_pf(dev, addr_s)
         own = self._by_address.get(addr_s, ())
         parents = self._by_address.get(parent_s, ()) if parent_s is not None else ()
         candidates: Iterable[int] = heapq.merge(self._scan, own, parents) if own or parents else self._scan

@@ -29,6 +29,11 @@ interface as a child of the PCI function too); with several, the first by
 name.  libvirt reports it as a ``net`` node device whose parent is the PCI
 function.
 
+A function in a 32-bit PCI domain (``10000:00:02.0``, behind Intel VMD)
+cannot be assigned to a guest and has no place in Nova's address format: it
+is skipped with a warning (as Nova's tracker skips it), and so is a VF whose
+PF lives in such a domain.
+
 The pure helpers :func:`record_from_sysfs` and :func:`record_from_nodedev_xml`
 turn raw sysfs values / node device XML into a record without any I/O.
 """
@@ -36,6 +41,7 @@ turn raw sysfs values / node device XML into a record without any I/O.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
 import xml.etree.ElementTree as ET
@@ -45,7 +51,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..errors import DiscoveryError, InvalidPciAddress
-from .address import DEV_TYPE_PCI, DEV_TYPE_PF, DEV_TYPE_VF, PciAddress, parse_address
+from .address import DEV_TYPE_PCI, DEV_TYPE_PF, DEV_TYPE_VF, MAX_DOMAIN, PciAddress, parse_address
+from .device import has_32bit_domain
 
 __all__ = [
     "PciRecord",
@@ -61,6 +68,7 @@ __all__ = [
 
 PciRecord = dict[str, Any]
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 _HEX_ID_RE = re.compile(r"[0-9a-fA-F]{1,4}")
 
@@ -220,6 +228,15 @@ class _Vanished(Exception):
     """The device directory disappeared while we read it (hot unplug)."""
 
 
+class _WideDomain(DiscoveryError):
+    """A function (or its PF) in a 32-bit PCI domain: not assignable, skipped by the discoverers."""
+
+
+def _warn_skipped(what: str) -> None:
+    log.warning("Skipping PCI device %s: its PCI domain is above ffff (a 32-bit domain, e.g. behind Intel VMD, "
+                "cannot be assigned to a guest)", what)
+
+
 def _read_optional(path: Path) -> str | None:
     try:
         return path.read_text()
@@ -283,6 +300,8 @@ def _sysfs_device(dev: Path, name: str) -> PciRecord:
         if not dev.exists():
             raise _Vanished() from None
         raise DiscoveryError(f"malformed sysfs entry {current}: {exc}") from exc
+    if physfn is not None and has_32bit_domain(os.path.basename(physfn.rstrip("/"))):
+        raise _WideDomain(f"{dev}: its PF {physfn} is in a 32-bit PCI domain")
     try:
         return record_from_sysfs(
             name,
@@ -316,6 +335,9 @@ def discover_sysfs(root: str | Path = "/sys") -> list[PciRecord]:
     found: dict[PciAddress, PciRecord] = {}
     for name in names:
         dev = devices_dir / name
+        if has_32bit_domain(name):
+            _warn_skipped(str(dev))
+            continue
         try:
             addr = parse_address(name)
         except InvalidPciAddress as exc:
@@ -323,6 +345,9 @@ def discover_sysfs(root: str | Path = "/sys") -> list[PciRecord]:
         try:
             record = _sysfs_device(dev, name)
         except _Vanished:
+            continue
+        except _WideDomain:
+            _warn_skipped(f"{dev} (its PF)")
             continue
         if addr in found:
             raise DiscoveryError(f"two sysfs entries for PCI address {addr} under {devices_dir}")
@@ -379,8 +404,11 @@ def record_from_nodedev_xml(xml: str, devname: str | None = None) -> PciRecord:
     if cap is None:
         raise DiscoveryError(f"node device {name} has no <capability type='pci'>")
     try:
+        domain = _xml_int(cap.findtext("domain"), "domain")
+        if domain > MAX_DOMAIN:
+            raise _WideDomain(f"node device {name} is in the 32-bit PCI domain {domain:x}")
         addr = PciAddress(
-            _xml_int(cap.findtext("domain"), "domain"),
+            domain,
             _xml_int(cap.findtext("bus"), "bus"),
             _xml_int(cap.findtext("slot"), "slot"),
             _xml_int(cap.findtext("function"), "function"),
@@ -407,6 +435,8 @@ def record_from_nodedev_xml(xml: str, devname: str | None = None) -> PciRecord:
                 pf = sub.find("address")
                 if pf is None:
                     raise ValueError("<capability type='phys_function'> without <address>")
+                if _xml_int(pf.get("domain"), "phys_function address domain") > MAX_DOMAIN:
+                    raise _WideDomain(f"node device {name}: its PF is in a 32-bit PCI domain")
                 parent = _xml_address(pf, "phys_function address")
                 dev_type = DEV_TYPE_VF
             elif kind == "virt_functions" and dev_type != DEV_TYPE_VF:
@@ -517,7 +547,11 @@ def discover_libvirt(conn_or_uri: Any) -> list[PciRecord]:
     for xml in pci_xml:
         name = (_parse_xml(xml).findtext("name") or "").strip()
         names = sorted(interfaces.get(name, ()))
-        record = record_from_nodedev_xml(xml, devname=names[0] if names else None)
+        try:
+            record = record_from_nodedev_xml(xml, devname=names[0] if names else None)
+        except _WideDomain:
+            _warn_skipped(f"node device {name}")
+            continue
         addr = parse_address(record["address"])
         if addr in found:
             raise DiscoveryError(f"libvirt reports PCI address {addr} twice")

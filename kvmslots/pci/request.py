@@ -7,9 +7,14 @@ flavor extra spec ``pci_passthrough:alias = "QAT:2, GPU:1"``::
      "device_type": "type-PCI", "numa_policy": "required"}
 
 Aliases sharing a name are alternatives (any one of them may answer) and
-must agree on ``device_type`` and ``numa_policy``.  Following the SR-IOV wiki
-(seed 004) an alias may carry extra ``"key": "value"`` pairs (for example
-``"physical_network": "physnet1"``) that a device's tags must have.
+must agree on ``device_type`` and ``numa_policy``.  As in Nova 34 every alias
+names both ``vendor_id`` and ``product_id``, and an unknown key is an error
+(a typo must not become a tag no device carries).  Following the SR-IOV wiki
+(seed 004) an alias may also name device tags that a device must carry: the
+well-known ones (:data:`ALIAS_TAG_KEYS`, e.g. ``"physical_network":
+"physnet1"``) and any tag the caller allows with ``extra_tags`` (the tags
+of its ``device_spec``).  The boolean tags (:data:`BOOL_TAGS`) are
+normalised to ``"true"``/``"false"``, as ``device_spec`` tags are.
 
 A flavor's extra spec becomes a list of :class:`InstancePciRequest`, each
 with a fresh ``request_id``: that id is later stamped on the devices that
@@ -48,6 +53,8 @@ __all__ = [
     "SOURCES",
     "ALIAS_EXTRA_SPEC",
     "EXTRA_SPEC_PREFIX",
+    "ALIAS_TAG_KEYS",
+    "BOOL_TAGS",
     "AliasSpec",
     "Alias",
     "parse_alias",
@@ -60,6 +67,7 @@ __all__ = [
     "get_instance_pci_requests",
     "delete_flavor_pci_info",
     "request_matches",
+    "values_match",
 ]
 
 NUMA_POLICY_REQUIRED = "required"
@@ -88,6 +96,12 @@ _FALSE_WORDS = frozenset({"0", "f", "false", "off", "n", "no"})
 # Keys of a request spec compared with the device record; every other key is a tag.
 _DEVICE_FIELDS = frozenset({"vendor_id", "product_id", "dev_type"})
 _ALIAS_KEYS = frozenset({"name", "vendor_id", "product_id", "device_type", "numa_policy", "capability_type"})
+#: Device tags an alias may require without being told of them (Nova 34's schema has only
+#: ``live_migratable``; the others are kvmslots' alias tags after the SR-IOV wiki, seed 004).
+ALIAS_TAG_KEYS = frozenset({"live_migratable", "managed", "physical_network", "remote_managed", "trusted"})
+#: Tags whose value is a boolean word, normalised to "true"/"false": the same set device_spec normalises
+#: (one_time_use only reaches an alias through ``extra_tags``).
+BOOL_TAGS = frozenset({"live_migratable", "managed", "one_time_use", "remote_managed"})
 _NOT_ALIAS_KEYS = {
     "dev_type": "use 'device_type'",
     "device_id": "use 'product_id'",
@@ -160,12 +174,18 @@ def _bool_word(raw: Any, key: str, where: str) -> str:
     raise InvalidAlias(f"{where}: {key!r} must be true or false, got {shown(raw)}")
 
 
-def _alias_extra(key: str, raw: Any, where: str) -> str:
+def _alias_extra(key: str, raw: Any, where: str, extra_tags: frozenset[str]) -> str:
     if key in _NOT_ALIAS_KEYS:
         raise InvalidAlias(f"{where}: unknown key {key!r} ({_NOT_ALIAS_KEYS[key]})")
     if not TAG_NAME_RE.fullmatch(key):
         raise InvalidAlias(f"{where}: extra key {key!r} must match {TAG_NAME_RE.pattern}")
-    if key == "live_migratable":
+    if key not in ALIAS_TAG_KEYS and key not in extra_tags:
+        raise InvalidAlias(
+            f"{where}: unknown key {key!r} (an alias has name, vendor_id, product_id, device_type, numa_policy, "
+            f"capability_type and the tags {', '.join(sorted(ALIAS_TAG_KEYS))}; other device_spec tags must be "
+            "allowed with extra_tags)"
+        )
+    if key in BOOL_TAGS:
         return _bool_word(raw, key, where)
     if isinstance(raw, bool):
         return "true" if raw else "false"
@@ -174,14 +194,38 @@ def _alias_extra(key: str, raw: Any, where: str) -> str:
     return raw
 
 
-def parse_alias(raw: Any, where: str = "alias") -> AliasSpec:
-    """Validate one alias (a dict, or a JSON object in a string)."""
+def _tag_names(extra_tags: Iterable[str]) -> frozenset[str]:
+    if isinstance(extra_tags, (str, bytes)) or not isinstance(extra_tags, Iterable):
+        raise InvalidAlias(f"extra_tags must be a list of tag names, got {type(extra_tags).__name__}")
+    names = frozenset(extra_tags)
+    for name in names:
+        if not isinstance(name, str) or not TAG_NAME_RE.fullmatch(name):
+            raise InvalidAlias(f"extra_tags: {shown(name)} is not a tag name ({TAG_NAME_RE.pattern})")
+    return names
+
+
+def _require_ids(aliases: Mapping[str, Sequence[AliasSpec]]) -> None:
+    """Nova 34 (``_validate_required_ids``): every alternative names vendor_id and product_id."""
+    missing = sorted(
+        name for name, specs in aliases.items() if any(s.vendor_id is None or s.product_id is None for s in specs)
+    )
+    if missing:
+        raise InvalidAlias(f"The PCI alias(es) {','.join(missing)} does not have vendor_id and product_id fields set.")
+
+
+def parse_alias(raw: Any, where: str = "alias", extra_tags: Iterable[str] = ()) -> AliasSpec:
+    """Validate one alias (a dict, or a JSON object in a string).
+
+    ``extra_tags`` names device tags (beyond :data:`ALIAS_TAG_KEYS`) the alias may require.
+    """
     if isinstance(raw, str):
         raw = _load_json(raw, where, InvalidAlias)
-    return _alias_from_object(raw, where)
+    spec = _alias_from_object(raw, where, _tag_names(extra_tags))
+    _require_ids({spec.name: [spec]})
+    return spec
 
 
-def _alias_from_object(raw: Any, where: str) -> AliasSpec:
+def _alias_from_object(raw: Any, where: str, extra_tags: frozenset[str] = frozenset()) -> AliasSpec:
     if not isinstance(raw, Mapping):
         raise InvalidAlias(f"{where}: expected a JSON object, got {type(raw).__name__} {shown(raw)}")
     for key in raw:
@@ -196,7 +240,9 @@ def _alias_from_object(raw: Any, where: str) -> AliasSpec:
     device_type = raw.get("device_type")
     if device_type is not None or "device_type" in raw:
         device_type = _choice(device_type, "device_type", DEV_TYPES, where)
-    extra = {key: _alias_extra(key, value, where) for key, value in raw.items() if key not in _ALIAS_KEYS}
+    extra = {
+        key: _alias_extra(key, value, where, extra_tags) for key, value in raw.items() if key not in _ALIAS_KEYS
+    }
     return AliasSpec(
         name=name,
         vendor_id=_alias_id(raw["vendor_id"], "vendor_id", where) if "vendor_id" in raw else None,
@@ -230,17 +276,22 @@ def _alias_items(config: Any) -> Iterator[tuple[Any, str]]:
             yield item, where
 
 
-def parse_aliases(config: Any) -> dict[str, list[AliasSpec]]:
+def parse_aliases(config: Any, extra_tags: Iterable[str] = ()) -> dict[str, list[AliasSpec]]:
     """Parse ``[pci] alias``: alias name -> its alternatives, in config order.
 
     ``config`` is a list of JSON strings or dicts (one per ``alias =`` line),
     or one JSON string holding a list.  Alternatives of one name must agree
     on ``device_type`` ("Device type mismatch for alias 'X'") and on
-    ``numa_policy``.
+    ``numa_policy``; every alternative names ``vendor_id`` and ``product_id``
+    ("The PCI alias(es) a1,a2 does not have vendor_id and product_id fields
+    set.", Nova 34's text).  ``extra_tags`` names the device tags, beyond
+    :data:`ALIAS_TAG_KEYS`, that an alias may require (typically the tags of
+    the host's ``device_spec``); any other key is an error.
     """
+    tags = _tag_names(extra_tags)
     aliases: dict[str, list[AliasSpec]] = {}
     for raw, where in _alias_items(config):
-        spec = _alias_from_object(raw, where)
+        spec = _alias_from_object(raw, where, tags)
         known = aliases.setdefault(spec.name, [])
         if known:
             if known[0].numa_policy != spec.numa_policy:
@@ -248,6 +299,7 @@ def parse_aliases(config: Any) -> dict[str, list[AliasSpec]]:
             if known[0].device_type != spec.device_type:
                 raise InvalidAlias(f"Device type mismatch for alias '{spec.name}'")
         known.append(spec)
+    _require_ids(aliases)
     return aliases
 
 
@@ -389,11 +441,13 @@ def _parse_count(text: str, name: str, pair: str) -> int:
 
 
 def _parse_alias_extra_spec(value: Any) -> list[tuple[str, int]]:
-    """``"name:count, name:count"`` -> [(name, count)], rejecting every malformed form."""
+    """``"name:count, name:count"`` -> [(name, count)], rejecting every malformed form.
+
+    A name may appear twice (``"QA:1, QA:2"``): as in Nova, that is two requests.
+    """
     if not isinstance(value, str):
         raise InvalidPciRequest(f"{ALIAS_EXTRA_SPEC} must be a string 'name:count[, ...]', got {shown(value)}")
     pairs: list[tuple[str, int]] = []
-    seen: set[str] = set()
     for pair in value.split(","):
         parts = pair.split(":")
         if len(parts) != 2 or not parts[0].strip():
@@ -402,9 +456,6 @@ def _parse_alias_extra_spec(value: Any) -> list[tuple[str, int]]:
             )
         name = parts[0].strip()
         count = _parse_count(parts[1], name, pair)
-        if name in seen:
-            raise InvalidPciRequest(f"{ALIAS_EXTRA_SPEC}: alias {shown(name)} appears more than once in {shown(value)}")
-        seen.add(name)
         pairs.append((name, count))
     return pairs
 
@@ -508,20 +559,31 @@ def delete_flavor_pci_info(metadata: MutableMapping[str, str], *prefixes: str) -
 
 # --- matching --------------------------------------------------------------------
 
-def values_match(have: Any, wanted: str) -> bool:
-    """One spec value against a device's: Nova compares strings without regard to case
-    (port profiles vs operator config)."""
-    return have == wanted or (isinstance(have, str) and have.lower() == wanted.lower())
+def values_match(have: Any, wanted: Any) -> bool:
+    """One spec value against a device's (Nova's ``pci_device_prop_match``).
+
+    Strings compare without regard to case (port profiles vs operator
+    config); a list asks that every item be in the device's list (a string
+    against a list, or a list against a string, never matches).
+    """
+    if have == wanted:
+        return True
+    if isinstance(wanted, str):
+        return isinstance(have, str) and have.lower() == wanted.lower()
+    if isinstance(wanted, list):
+        return isinstance(have, list) and all(item in have for item in wanted)
+    return False
 
 
-def request_matches(spec_alternatives: Iterable[Mapping[str, str]], device: Any) -> bool:
+def request_matches(spec_alternatives: Iterable[Mapping[str, Any]], device: Any) -> bool:
     """Does ``device`` satisfy one of the alternatives?
 
     ``device`` is a dict with ``vendor_id``, ``product_id``, ``dev_type`` and
     ``tags`` (a dict), or an object with those attributes.  ``vendor_id``,
     ``product_id`` and ``dev_type`` are compared with the device's own
     fields, every other key with its tags; string values compare without
-    regard to case, as in Nova.
+    regard to case and a list-valued spec is a subset test, as in Nova
+    (:func:`values_match`).
     """
     if isinstance(device, Mapping):
         fields: Mapping[str, Any] = device

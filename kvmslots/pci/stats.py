@@ -1,7 +1,10 @@
 """Pools of free host devices (Nova's ``PciDeviceStats``).
 
 Devices that are ``available`` sit in pools keyed by vendor, product, NUMA
-node, device type, their grouping tags and, for VFs, their PF.  A pool's
+node, device type, their grouping tags, ``remote_managed`` and, for VFs,
+their PF.  As in Nova, a PF or VF without a ``remote_managed`` tag is
+``remote_managed: 'false'`` (so a request for ``'False'`` finds it), and a
+remote-managed device only serves a request that asks for one.  A pool's
 ``count`` is the number of its free devices, kept exact by moving a device in
 or out whenever its status changes (O(1) per device; Nova rebuilds and
 deep-copies pools instead).
@@ -18,14 +21,19 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from ..errors import PciDeviceRequestFailed
-from .address import DEV_TYPE_PF, DEV_TYPE_VF
+from .address import DEV_TYPE_PCI, DEV_TYPE_PF, DEV_TYPE_VF
 from .device import PciDevice, PciStatus
 from .request import values_match
 
-__all__ = ["Pool", "PciDeviceStats", "NUMA_POLICIES", "PoolKey"]
+__all__ = ["Pool", "PciDeviceStats", "NUMA_POLICIES", "PoolKey", "REMOTE_MANAGED"]
 
 NUMA_POLICIES = ("required", "legacy", "preferred", "socket")
 _DEVICE_KEYS = ("vendor_id", "product_id", "dev_type")
+#: Nova's ``PCI_REMOTE_MANAGED_TAG``: always a pool key, implicitly ``'false'`` on PFs and VFs.
+REMOTE_MANAGED = "remote_managed"
+_TRUE_WORDS = frozenset({"1", "t", "true", "on", "y", "yes"})  # oslo's bool_from_string
+_FALSE_WORDS = frozenset({"0", "f", "false", "off", "n", "no"})
+_NOT_REMOTE_MANAGED = ((REMOTE_MANAGED, "false"),)
 
 PoolKey = tuple[str, str, int | None, str, str | None, tuple[tuple[str, str], ...]]
 
@@ -41,23 +49,31 @@ class Pool:
     parent_addr: str | None
     tags: dict[str, str]
     devices: dict[str, PciDevice] = field(default_factory=dict, repr=False)
+    #: Its ``remote_managed`` tag is true: only requests asking for that may use it.
+    remote_managed: bool = field(default=False, repr=False)
+    _described: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def count(self) -> int:
         return len(self.devices)
 
     def describe(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "vendor_id": self.vendor_id,
-            "product_id": self.product_id,
-            "numa_node": self.numa_node,
-            "dev_type": self.dev_type,
-            "count": self.count,
-        }
-        if self.parent_addr is not None:
-            out["parent_addr"] = self.parent_addr
-        out.update(self.tags)
-        return out
+        # a pool's keys never change: build their part once, then copy it (C speed) per call
+        if self._described is None:
+            out: dict[str, Any] = {
+                "vendor_id": self.vendor_id,
+                "product_id": self.product_id,
+                "numa_node": self.numa_node,
+                "dev_type": self.dev_type,
+                "count": 0,
+            }
+            if self.parent_addr is not None:
+                out["parent_addr"] = self.parent_addr
+            out.update(self.tags)
+            self._described = out
+        described = dict(self._described)
+        described["count"] = len(self.devices)
+        return described
 
 
 class PciDeviceStats:
@@ -80,9 +96,20 @@ class PciDeviceStats:
 
     # -- membership -------------------------------------------------------------
     def _key(self, device: PciDevice) -> PoolKey:
-        tags = [(k, v) for k, v in device.tags.items() if self.grouping_keys is None or k in self.grouping_keys]
+        tags = device.tags
         parent = device.parent_addr if device.dev_type == DEV_TYPE_VF else None
-        return (device.vendor_id, device.product_id, device.numa_node, device.dev_type, parent, tuple(sorted(tags)))
+        key_tags: tuple[tuple[str, str], ...]
+        if not tags:  # the common case, kept cheap: a sync re-keys every device
+            key_tags = () if device.dev_type == DEV_TYPE_PCI else _NOT_REMOTE_MANAGED
+        else:
+            grouping = self.grouping_keys
+            items = list(tags.items()) if grouping is None else [
+                (k, v) for k, v in tags.items() if k in grouping or k == REMOTE_MANAGED
+            ]
+            if device.dev_type != DEV_TYPE_PCI and REMOTE_MANAGED not in tags:
+                items.append(_NOT_REMOTE_MANAGED[0])  # Nova's _ensure_remote_managed_tag
+            key_tags = tuple(sorted(items))
+        return (device.vendor_id, device.product_id, device.numa_node, device.dev_type, parent, key_tags)
 
     def update(self, devices: Iterable[PciDevice]) -> None:
         """Put each device where its status says: in its pool when available, else nowhere."""
@@ -93,7 +120,9 @@ class PciDeviceStats:
                 pool = self._pools.get(key)
                 if pool is None:
                     vendor, product, numa, dev_type, parent, tags = key
-                    pool = self._pools[key] = Pool(vendor, product, numa, dev_type, parent, dict(tags))
+                    remote = _truthy(dict(tags).get(REMOTE_MANAGED))
+                    pool = Pool(vendor, product, numa, dev_type, parent, dict(tags), remote_managed=remote)
+                    self._pools[key] = pool
                     self._by_ids.setdefault((vendor, product), set()).add(key)
                     self._order = None
                 pool.devices[device.address] = device
@@ -162,12 +191,12 @@ class PciDeviceStats:
         answer: list[list[PciDevice]] = []
         for request in requests:
             picked: list[PciDevice] = []
-            for pool, alternatives in self._candidates(request, numa_cells):
+            for pool, residual in self._candidates(request, numa_cells):
                 for address in sorted(pool.devices):  # address order: a reopened tracker picks the same
                     device = pool.devices[address]
                     if len(picked) == request.count:
                         break
-                    if device.address in excluded or not _tags_match(alternatives, device):
+                    if device.address in excluded or (residual is not None and not _tags_match(residual, device)):
                         continue
                     if allowed is not None and not allowed(device):
                         continue
@@ -187,27 +216,56 @@ class PciDeviceStats:
 
     def _candidates(
         self, request: Any, numa_cells: Sequence[int] | None
-    ) -> Iterator[tuple[Pool, list[Mapping[str, str]]]]:
-        """Matching pools in order, lazily: a claim usually stops at the first one."""
-        found = self._matching(request, numa_cells)
-        if request.numa_policy == "preferred" and numa_cells is not None:
-            cells = set(numa_cells)
-            return iter(sorted(
-                found, key=lambda item: 0 if item[0].numa_node in cells else 1 if item[0].numa_node is None else 2
-            ))
-        return found
+    ) -> Iterable[tuple[Pool, list[Mapping[str, str]] | None]]:
+        """Matching pools, best NUMA affinity first; lazily when NUMA does not matter
+        (a claim usually stops at the first pool).
 
-    def _matching(
-        self, request: Any, numa_cells: Sequence[int] | None
-    ) -> Iterator[tuple[Pool, list[Mapping[str, str]]]]:
+        Nova's ``_filter_pools_for_numa_cells`` tries its policy's tiers in turn
+        (the instance's own nodes, then NUMA-less devices for ``legacy`` and
+        ``preferred``, the same socket's nodes for ``socket``, anything for
+        ``preferred``) and settles on the first that has enough devices.
+        Filling greedily from the tiers in that order answers the same
+        requests and never takes a worse-placed device while a better one is
+        free.
+        """
+        found = self._matching(request)
+        if not numa_cells:  # Nova: no NUMA cells (None or empty), no NUMA constraint
+            return found
+        return _tiered(found, self._numa_ranker(request.numa_policy, numa_cells))
+
+    def _numa_ranker(self, policy: str, cells: Sequence[int]) -> Callable[[int | None], int | None]:
+        """The tier of a device on NUMA node *node* (lower is better), None if the policy forbids it."""
+        own = frozenset(cells)
+        if policy == "required":
+            return lambda node: 0 if node in own else None
+        if policy == "legacy":
+            return lambda node: 0 if node in own else 1 if node is None else None
+        if policy == "preferred":
+            return lambda node: 0 if node in own else 1 if node is None else 2
+        if policy == "socket":
+            # Nova accepts the instance's own nodes even without socket information;
+            # beyond them, only nodes whose socket is known to be one of the instance's.
+            sockets = {self.numa_sockets[c] for c in own if c in self.numa_sockets}
+            near = frozenset(n for n, s in self.numa_sockets.items() if s in sockets)
+            return lambda node: 0 if node in own else 1 if node in near else None
+        raise PciDeviceRequestFailed(f"Unknown NUMA policy {policy!r} (expected one of {', '.join(NUMA_POLICIES)})")
+
+    def _matching(self, request: Any) -> Iterator[tuple[Pool, list[Mapping[str, str]] | None]]:
+        """Pools the request's spec may use, each with the alternatives still to check
+        device by device (None: the pool's keys decided everything)."""
+        grouping = self.grouping_keys
         for pool in self._pools_for(request.spec):
-            alternatives = [alt for alt in request.spec if _pool_matches(alt, pool, self.grouping_keys)]
+            alternatives = [alt for alt in request.spec if _pool_serves(alt, pool, grouping)]
             if not alternatives:
                 continue
-            if pool.dev_type == DEV_TYPE_PF and not any(alt.get("dev_type") == DEV_TYPE_PF for alt in alternatives):
-                continue  # a PF pool serves only requests that ask for a PF
-            if self._numa_allows(request.numa_policy, pool.numa_node, numa_cells):
-                yield pool, alternatives
+            if grouping is None:
+                yield pool, None  # every tag is a pool key
+                continue
+            residual: list[Mapping[str, str]] = [
+                {k: v for k, v in alt.items() if k not in _DEVICE_KEYS and k not in grouping and k != REMOTE_MANAGED}
+                for alt in alternatives
+            ]
+            yield pool, residual if all(residual) else None  # an alternative with nothing left matches every device
 
     def _pools_for(self, alternatives: Sequence[Mapping[str, str]]) -> list[Pool]:
         """Pools that could match: by (vendor, product) when every alternative names both
@@ -220,23 +278,39 @@ class PciDeviceStats:
             keys |= self._by_ids.get((vendor, product), set())
         return [self._pools[key] for key in sorted(keys, key=_sortable)]
 
-    def _numa_allows(self, policy: str, node: int | None, cells: Sequence[int] | None) -> bool:
-        if cells is None or policy == "preferred":
-            return True
-        if policy == "required":
-            return node in cells
-        if policy == "legacy":
-            return node is None or node in cells
-        if policy == "socket":
-            sockets = {self.numa_sockets[c] for c in cells if c in self.numa_sockets}
-            return node is not None and self.numa_sockets.get(node) in sockets
-        raise PciDeviceRequestFailed(f"Unknown NUMA policy {policy!r} (expected one of {', '.join(NUMA_POLICIES)})")
+
+def _tiered(
+    found: Iterable[tuple[Pool, Any]], rank: Callable[[int | None], int | None]
+) -> Iterator[tuple[Pool, Any]]:
+    """*found* by tier, pool order within a tier; the best tier lazily (a claim usually stops there)."""
+    later: list[tuple[int, tuple[Pool, Any]]] = []
+    for item in found:
+        tier = rank(item[0].numa_node)
+        if tier == 0:
+            yield item
+        elif tier is not None:
+            later.append((tier, item))
+    later.sort(key=lambda pair: pair[0])  # stable
+    for _, item in later:
+        yield item
 
 
-def _pool_matches(alternative: Mapping[str, str], pool: Pool, grouping: frozenset[str] | None) -> bool:
+def _pool_serves(alternative: Mapping[str, str], pool: Pool, grouping: frozenset[str] | None) -> bool:
+    """Does this alternative match the pool's keys, and may it use such a device at all?
+
+    As in Nova, a PF pool serves only an alternative that asks for a PF, and
+    a remote-managed pool only one that asks for ``remote_managed`` true.
+    """
+    if pool.dev_type == DEV_TYPE_PF and alternative.get("dev_type") != DEV_TYPE_PF:
+        return False
+    if pool.remote_managed and not _truthy(alternative.get(REMOTE_MANAGED)):
+        return False
     for key, wanted in alternative.items():
         if key in _DEVICE_KEYS:
             if not values_match(getattr(pool, key), wanted):
+                return False
+        elif key == REMOTE_MANAGED:
+            if _bool_word(pool.tags.get(key)) != _bool_word(wanted):
                 return False
         elif grouping is None or key in grouping:
             if not values_match(pool.tags.get(key), wanted):
@@ -246,10 +320,21 @@ def _pool_matches(alternative: Mapping[str, str], pool: Pool, grouping: frozense
 
 
 def _tags_match(alternatives: list[Mapping[str, str]], device: PciDevice) -> bool:
-    return any(
-        all(values_match(device.tags.get(k), v) for k, v in alt.items() if k not in _DEVICE_KEYS)
-        for alt in alternatives
-    )
+    return any(all(values_match(device.tags.get(k), v) for k, v in alt.items()) for alt in alternatives)
+
+
+def _bool_word(value: str | None) -> str | None:
+    """A boolean tag value as Nova compares it, with oslo's spellings of true and false
+    (``yes``, ``0``, ...) read as ``true`` / ``false``."""
+    if value is None:
+        return None
+    word = value.strip().lower()
+    return "true" if word in _TRUE_WORDS else "false" if word in _FALSE_WORDS else word
+
+
+def _truthy(value: str | None) -> bool:
+    """oslo's ``bool_from_string`` (non-strict): only the true spellings are true."""
+    return value is not None and value.strip().lower() in _TRUE_WORDS
 
 
 def _relatives(device: PciDevice) -> list[str]:

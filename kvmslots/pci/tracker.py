@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 from ..errors import InvalidDevicesJson, InvalidPciRequest, PciDeviceRequestFailed, UnknownPciDevice, ValidationError
 from ..store import Store, Transaction
 from .address import DEV_TYPE_PF, DEV_TYPE_VF, canonical_address
-from .device import ASSIGNED, HYPERVISOR_FIELDS, PciDevice, PciStatus, device_from_hypervisor
+from .device import ASSIGNED, HYPERVISOR_FIELDS, PciDevice, PciStatus, device_from_hypervisor, has_32bit_domain
 from .devspec import Whitelist
 from .request import InstancePciRequest, get_instance_pci_requests
 from .stats import PciDeviceStats
@@ -79,6 +79,8 @@ def _fingerprint_of(values: Mapping[str, Any], tags: Mapping[str, str]) -> tuple
 
 
 _CACHE_FIELDS = (*HYPERVISOR_FIELDS, "compute_node_id", "extra_info")
+#: Cached for a record that is skipped (a 32-bit PCI domain): never tracked.
+_SKIPPED = _Parsed("", {}, None)
 
 
 def _cache_key(raw: Any) -> tuple[Any, ...] | None:
@@ -158,6 +160,7 @@ class PciDevTracker:
         self._owner_of: dict[str, str] = {}
         self._fingerprints: dict[str, tuple[Any, ...]] = {}  # address -> hypervisor values + tags
         self._parse_cache: dict[tuple[Any, ...], _Parsed] = {}
+        self._skip_warned: set[str] = set()  # addresses already warned about (32-bit domains)
         self._generation = -1
         with store.transaction() as txn:
             for statement in _SCHEMA:
@@ -223,7 +226,9 @@ class PciDevTracker:
         """Sync with the hypervisor's device list (Nova's JSON).
 
         The whole list is validated first; a malformed list changes nothing.
-        Devices that vanish are removed if free; if assigned they are kept
+        A device with a 32-bit PCI domain (``10000:00:02.0``, behind Intel
+        VMD) cannot be assigned: as in Nova it is skipped with a warning and
+        the rest is tracked.  Devices that vanish are removed if free; if assigned they are kept
         (with a warning) and removed when freed.  Changed properties of an
         assigned device are parked and applied when it is freed.
         """
@@ -252,19 +257,48 @@ class PciDevTracker:
             key = _cache_key(raw)
             parsed = self._parse_cache.get(key) if key is not None else None
             if parsed is None:
-                device = device_from_hypervisor(raw)
+                try:
+                    device = device_from_hypervisor(raw)
+                except InvalidDevicesJson as exc:
+                    if not self._skip_wide_domain(raw, exc):
+                        raise
+                    if key is not None:
+                        self._parse_cache[key] = _SKIPPED
+                    continue
                 # capabilities (VPD) only inform the match (remote_managed); they are not kept
                 tags = self.dev_filter.match({**device.hypervisor_values(), "capabilities": raw.get("capabilities")})
                 values = device.hypervisor_values()
                 parsed = _Parsed(device.address, values, None if tags is None else dict(tags))
                 if key is not None:
                     self._parse_cache[key] = parsed
+            if parsed is _SKIPPED:
+                continue
             if parsed.address in seen:
                 raise InvalidDevicesJson(f"Device {parsed.address} is listed twice")
             seen.add(parsed.address)
             if parsed.tags is not None:  # else: not in the device_spec, not ours to track
                 reported[parsed.address] = parsed
         return reported
+
+    def _skip_wide_domain(self, raw: Any, exc: InvalidDevicesJson) -> bool:
+        """A record refused because of a 32-bit PCI domain is skipped (warned once per address)."""
+        if not isinstance(raw, Mapping):
+            return False
+        address, parent = raw.get("address"), raw.get("parent_addr")
+        if not (has_32bit_domain(address) or has_32bit_domain(parent)):
+            return False
+        where = f"{address} (parent {parent})" if parent is not None else str(address)
+        if where in self._skip_warned:
+            log.debug("Skipping PCI device %s reported by the hypervisor: %s", where, exc)
+        else:
+            if len(self._skip_warned) >= 4096:
+                self._skip_warned.clear()
+            self._skip_warned.add(where)
+            log.warning(
+                "Skipping PCI device %s reported by the hypervisor: its PCI domain is above ffff (a 32-bit "
+                "domain, e.g. behind Intel VMD, cannot be assigned to a guest)", where,
+            )
+        return True
 
     def _fingerprint(self, device: PciDevice) -> tuple[Any, ...]:
         fp = self._fingerprints.get(device.address)
@@ -412,7 +446,7 @@ class PciDevTracker:
                 if request.request_id is not None:
                     change.requests_put.append((uuid, request))
                     self._requests.setdefault(uuid, {})[request.request_id] = request
-            if numa_cells is not None and any(d.numa_node is None for d in claimed):
+            if numa_cells and any(d.numa_node is None for d in claimed):
                 log.warning("Assigning a PCI device without NUMA affinity to instance %s with a NUMA topology", uuid)
             return claimed
 
@@ -451,6 +485,11 @@ class PciDevTracker:
         """Free only what *instance* has claimed (not allocated)."""
         uuid = instance_uuid_of(instance)
         return self._mutate(lambda change: self._free_owned(uuid, {PciStatus.CLAIMED}, change))
+
+    def free_instance_allocations(self, instance: str | Mapping[str, Any]) -> list[PciDevice]:
+        """Free only what *instance* has allocated (not claimed), as Nova's method of that name."""
+        uuid = instance_uuid_of(instance)
+        return self._mutate(lambda change: self._free_owned(uuid, {PciStatus.ALLOCATED}, change))
 
     def free_device(self, dev: PciDevice | str, instance: str | Mapping[str, Any]) -> list[PciDevice]:
         """Free one device of *instance* (a device object or its address)."""
