@@ -231,9 +231,13 @@ def test_update_devices_from_hypervisor_resources_32bit_domain(tracker, caplog):
     with caplog.at_level(logging.WARNING, logger="kvmslots.pci.tracker"):
         report = tracker.update_devices_from_hypervisor_resources(json.dumps([wide, good]))
     assert report.added == [] and not [r for r in caplog.records if r.levelno == logging.WARNING]
-    # a VF whose PF is in a 32-bit domain is skipped too; a malformed address still fails the whole list
+    # kvmslots, deliberately (Nova tracks it): a VF whose PF is in a 32-bit domain is skipped too, since
+    # the PF/VF rules need its PF.  A malformed address still fails the whole list.
     vf = dict(good, address="0000:00:02.1", dev_type="type-VF", parent_addr="10000:00:02.0")
     tracker.update_devices_from_hypervisor_resources(json.dumps([wide, good, vf]))
+    assert [d.address for d in tracker.all_devs] == ["0000:00:02.0"]
+    wider = dict(wide, address="100000000:00:02.0")  # a 9-digit domain is skipped as Nova does
+    tracker.update_devices_from_hypervisor_resources(json.dumps([wider, good]))
     assert [d.address for d in tracker.all_devs] == ["0000:00:02.0"]
     with pytest.raises(InvalidDevicesJson):
         tracker.update_devices_from_hypervisor_resources(json.dumps([dict(good, address="0000:00:20.0")]))

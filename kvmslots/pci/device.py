@@ -48,7 +48,7 @@ ASSIGNED = frozenset({PciStatus.CLAIMED, PciStatus.ALLOCATED})
 _PARENT_OK = frozenset({PciStatus.AVAILABLE, PciStatus.UNCLAIMABLE, PciStatus.UNAVAILABLE})
 #: States a VF may wrongly be left in under an available PF (Nova bug 1969496): tolerated on a PF claim.
 _HELD_BY_PARENT = frozenset({PciStatus.UNCLAIMABLE, PciStatus.UNAVAILABLE})
-_WIDE_DOMAIN_RE = re.compile(r"\s*([0-9a-fA-F]{5,8}):[0-9a-fA-F]{1,2}:[0-9a-fA-F]{1,2}\.[0-7]\s*")
+_WIDE_DOMAIN_RE = re.compile(r"\s*([0-9a-fA-F]{5,16}):[0-9a-fA-F]{1,2}:[0-9a-fA-F]{1,2}\.[0-7]\s*")
 _NUMA_TEXT_RE = re.compile(r"\s*(-?[0-9]{1,10})\s*")
 
 
