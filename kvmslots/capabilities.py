@@ -40,6 +40,7 @@ from .errors import (
 from .model import Machine, VMSpec, machine_family
 from .monitor import MonitorLike
 from .pciview import PciOccupancy
+from .topology import NO_HOTPLUG_PCIE_ROOT
 
 __all__ = [
     "MIN_QEMU_VERSION",
@@ -48,6 +49,7 @@ __all__ = [
     "check_qemu",
     "check_capabilities",
     "hotplug_support",
+    "known_support",
     "check_machine_available",
     "binary_machines",
     "parse_info_version",
@@ -168,12 +170,26 @@ async def hotplug_support(monitor: MonitorLike, vm: VMSpec, view: PciOccupancy) 
     if getattr(monitor, "execute", None) is None:
         return {}
     known: dict[str, str | None] = getattr(monitor, "bus_hotplug", {})
-    wanted = [vm.root_bus, *(f.qdev_id for f in view.functions if f.secondary_bus is not None and f.qdev_id)]
+    wanted = [vm.root_bus, *_view_buses(view)]
     missing = [bus for bus in wanted if bus not in known]
     if missing:
         answers = await asyncio.gather(*(_bus_hotplug(monitor, vm, bus) for bus in missing))
         known.update(zip(missing, answers))
     return {bus: known[bus] for bus in wanted}
+
+
+def known_support(monitor: MonitorLike, view: PciOccupancy) -> dict[str, str | None] | None:
+    """The answers kept on this connection when they already cover every bus in *view* (no I/O),
+    else None: then :func:`hotplug_support` must ask QEMU."""
+    known: dict[str, str | None] | None = getattr(monitor, "bus_hotplug", None)
+    if not known or any(bus not in known for bus in _view_buses(view)):
+        return None
+    return dict(known)
+
+
+def _view_buses(view: PciOccupancy) -> list[str]:
+    """Ids of the bridges and ports QEMU shows (the buses behind them are named after them)."""
+    return [f.qdev_id for f in view.functions if f.secondary_bus is not None and f.qdev_id]
 
 
 async def _bus_hotplug(monitor: Any, vm: VMSpec, bus: str) -> str | None:
@@ -188,7 +204,7 @@ async def _bus_hotplug(monitor: Any, vm: VMSpec, bus: str) -> str | None:
         if root and vm.family is Machine.I440FX:
             return "ACPI PCI hotplug is off on pci.0 (PIIX4_PM.acpi-root-pci-hotplug=off)"
         if root:
-            return "pcie.0 takes no hotplug on q35; devices are hot-plugged behind a pcie-root-port"
+            return NO_HOTPLUG_PCIE_ROOT
         return (
             f"no hotplug controller serves {bus} (a pci-bridge with shpc=off and ACPI bridge hotplug off, "
             "or a port with hotplug=off)"

@@ -324,10 +324,11 @@ def slot_states(
     topo = Topology(vm, controllers)
     if view is not None:
         topo.occupy_live(view)
+    topo.occupy_devices(devices)  # also brings in a caller's own buses
     ours = {d.qemu_id for d in devices}
     ids = {c.id for c in controllers}
     buses: dict[str, list[str]] = {}
-    for bus in [*topo.walk(), *(topo.bus(d.bus) for d in devices if d.bus not in topo.buses)]:
+    for bus in topo.walk():
         states = ["reserved" if bus.slots.is_masked(s) else "free" for s in range(NUM_SLOTS)]
         for slot, held in bus.functions.items():
             holders = set(held.values())

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator
 
 from .errors import (
     BusNotHotpluggable,
@@ -59,7 +59,7 @@ from .model import (
 from .pciview import PCIE_PORT_IDS, PciOccupancy
 from .slots import NUM_SLOTS, SlotMap
 
-__all__ = ["BusKind", "Bus", "Topology", "Placement", "check_records", "PCIE_PORT_RESERVATIONS"]
+__all__ = ["BusKind", "Bus", "Topology", "Placement", "check_records", "PCIE_PORT_RESERVATIONS", "NO_HOTPLUG_PCIE_ROOT"]
 
 #: Below a PCIe port only slot 0 exists for the guest (QEMU accepts others; the guest never sees them).
 PCIE_PORT_RESERVATIONS = "0" + "1" * (NUM_SLOTS - 1)
@@ -76,7 +76,7 @@ class BusKind(str, enum.Enum):
         return self.value
 
 
-_NO_HOTPLUG_PCIE_ROOT = "pcie.0 takes no hotplug on q35; devices are hot-plugged behind a pcie-root-port"
+NO_HOTPLUG_PCIE_ROOT = "pcie.0 takes no hotplug on q35; devices are hot-plugged behind a pcie-root-port"
 
 
 @dataclass
@@ -116,11 +116,6 @@ class Bus:
     def is_port(self) -> bool:
         return self.kind is BusKind.PCIE_ROOT_PORT
 
-    @property
-    def ours(self) -> bool:
-        """A bus kvmslots planned (a root port or bridge of ours) or the root bus."""
-        return self.controller is not None or self.kind in (BusKind.PCI_ROOT, BusKind.PCIE_ROOT)
-
     def check_hotplug(self, vm: str | None = None) -> None:
         if self.no_hotplug is not None:
             raise BusNotHotpluggable(self.name, self.no_hotplug, vm=vm)
@@ -128,12 +123,10 @@ class Bus:
 
 @dataclass(frozen=True)
 class Placement:
-    """Where a device (or a multifunction group, from function 0) goes, and what had to be added."""
+    """Where a device (or a multifunction group, as functions 0, 1, ...) goes."""
 
     bus: str
     slot: int
-    function: int = 0
-    added: tuple[Controller, ...] = ()
 
 
 class Topology:
@@ -144,11 +137,10 @@ class Topology:
         self.family = vm.family
         self.buses: dict[str, Bus] = {}
         self.controllers: list[Controller] = []
-        self.added: list[Controller] = []
         root_kind = BusKind.PCI_ROOT if self.family is Machine.I440FX else BusKind.PCIE_ROOT
         root = Bus(vm.root_bus, root_kind, SlotMap(vm.mask, bus=vm.root_bus), number=None)
         if root_kind is BusKind.PCIE_ROOT:
-            root.no_hotplug = _NO_HOTPLUG_PCIE_ROOT
+            root.no_hotplug = NO_HOTPLUG_PCIE_ROOT
         self.buses[root.name] = root
         pending = sorted(controllers, key=lambda c: c.chassis)
         while pending:  # parents first, whatever their chassis numbers (an import may bring any)
@@ -177,24 +169,26 @@ class Topology:
         held = parent.functions.get(controller.slot, {})
         if parent.slots.is_masked(controller.slot):
             raise SlotReserved(controller.slot, parent.name)
-        if controller.function in held or (held and not all(h.startswith("pcie-port-") for h in held.values())):
+        if controller.function in held or (held and not _ports_only(held)):
             raise SlotOccupied(controller.slot, parent.holder(controller.slot), parent.name)
         parent.take(controller.slot, controller.function, controller.id)
-        bus = Bus(controller.id, _bus_kind(controller.kind), SlotMap(self._mask(controller), bus=controller.id), controller)
+        kind = _bus_kind(controller.kind)
+        bus = Bus(controller.id, kind, self._slot_map(controller.id, kind), controller)
         self.buses[bus.name] = bus
         self.controllers.append(controller)
         return bus
 
-    def _mask(self, controller: Controller) -> str:
-        if controller.kind is ControllerKind.PCIE_ROOT_PORT:
-            return _port_mask(self.vm.bus_masks.get(controller.id))
-        return self.vm.mask_for(controller.id)
+    def _slot_map(self, name: str, kind: BusKind) -> SlotMap:
+        """The reservations of a bridge's or port's bus: the VM's mask for it (below a port, only slot 0)."""
+        if kind is BusKind.PCIE_ROOT_PORT:
+            return SlotMap(_port_mask(self.vm.bus_masks.get(name)), bus=name)
+        return SlotMap(self.vm.mask_for(name), bus=name)
 
     def bus(self, name: str) -> Bus:
         """The bus named *name*; a bus kvmslots did not plan (a caller's own bridge) is added on first use."""
         found = self.buses.get(name)
         if found is None:
-            found = self.buses[name] = Bus(name, BusKind.PCI_BRIDGE, SlotMap(self.vm.mask_for(name), bus=name))
+            found = self.buses[name] = Bus(name, BusKind.PCI_BRIDGE, self._slot_map(name, BusKind.PCI_BRIDGE))
         return found
 
     def ports(self) -> list[Bus]:
@@ -227,9 +221,8 @@ class Topology:
             bus = self.buses.get(function.qdev_id)
             if bus is None:  # someone else's bridge or port
                 is_port = (function.vendor, function.device) in PCIE_PORT_IDS
-                mask = _port_mask(self.vm.bus_masks.get(function.qdev_id)) if is_port else self.vm.mask_for(function.qdev_id)
                 kind = BusKind.PCIE_ROOT_PORT if is_port else BusKind.PCI_BRIDGE
-                bus = self.buses[function.qdev_id] = Bus(function.qdev_id, kind, SlotMap(mask, bus=function.qdev_id))
+                bus = self.buses[function.qdev_id] = Bus(function.qdev_id, kind, self._slot_map(function.qdev_id, kind))
             bus.number = function.secondary_bus
             present.add(bus.name)
             if function.secondary_bus:
@@ -310,9 +303,7 @@ class Topology:
     def _take(self, bus: Bus, slot: int, functions: int, holder: str) -> Placement:
         for function in range(functions):
             bus.take(slot, function, holder)
-        added = tuple(self.added)
-        self.added.clear()
-        return Placement(bus.name, slot, 0, added)
+        return Placement(bus.name, slot)
 
     def _place_q35(self, functions: int, hotplug: bool, holder: str) -> Placement:
         refused: list[tuple[str, str]] = []
@@ -325,8 +316,7 @@ class Topology:
             return self._take(port, 0, functions, holder)
         if hotplug:
             if refused:
-                reason = refused[0][1] if len(refused) == 1 else "; ".join(f"{name}: {why}" for name, why in refused)
-                raise BusNotHotpluggable(refused[0][0], reason, vm=self.vm.name)
+                raise BusNotHotpluggable(refused[0][0], _refusal(refused), vm=self.vm.name)
             raise NoHotplugPort(self.vm.name, len(self.ports()))
         port = self._attach(self.add_port())
         return self._take(port, 0, functions, holder)
@@ -349,9 +339,8 @@ class Topology:
                 return self._take(bridge, bridge.slots.first_free(), functions, holder)
             return self._take(bus, free[0], functions, holder)
         if hotplug and refused:
-            # one refused bus is named once; "every other bus is full" only when there were others
-            reason = refused[0][1] if len(refused) == 1 else "; ".join(f"{name}: {why}" for name, why in refused)
-            if len(chain) > len(refused):
+            reason = _refusal(refused)
+            if len(chain) > len(refused):  # "every other bus is full" only when there were others
                 reason += " (and every other bus is full)"
             raise BusNotHotpluggable(refused[0][0], reason, vm=self.vm.name)
         hint = "plan the VM with spare_bridge (--spare-bridge) and boot it again" if hotplug else None
@@ -365,20 +354,16 @@ class Topology:
         port_slots = sorted({p.controller.slot for p in self.ports() if p.controller is not None})
         for slot in reversed(port_slots):
             held = root.functions.get(slot, {})
-            if all(h.startswith("pcie-port-") for h in held.values()):
+            if _ports_only(held):
                 free = [f for f in root.free_functions(slot) if f > max(held, default=-1)]
                 if free:
-                    controller = Controller.port(chassis, slot, free[0])
-                    self.added.append(controller)
-                    return controller
+                    return Controller.port(chassis, slot, free[0])
             break
         try:
             slot = root.slots.first_free()
         except SlotsExhausted:
             raise SlotsExhausted(root.name, "pcie.0 has no slot left for another pcie-root-port", vm=self.vm.name) from None
-        controller = Controller.port(chassis, slot, 0)
-        self.added.append(controller)
-        return controller
+        return Controller.port(chassis, slot, 0)
 
     def add_bridge(self, parent: str) -> Controller:
         """A new ``pci-bridge`` on *parent*, at its highest free slot (devices fill from the lowest)."""
@@ -386,9 +371,7 @@ class Topology:
         free = bus.free_slots()
         if not free:
             raise SlotsExhausted(parent, vm=self.vm.name)
-        controller = Controller.bridge(self._next_chassis(), parent, free[-1])
-        self.added.append(controller)
-        return controller
+        return Controller.bridge(self._next_chassis(), parent, free[-1])
 
     def ensure_spare_bridge(self) -> None:
         """At boot on ``pc`` with ``spare_bridge``: one bridge before the devices are placed, so it takes
@@ -399,7 +382,6 @@ class Topology:
         if parent is None:
             raise SlotsExhausted(self.root.name, "no slot is left for the spare bridge", vm=self.vm.name)
         self._attach(self.add_bridge(parent.name))
-        self.added.clear()
 
     def ensure_spare_ports(self) -> None:
         """At boot on ``q35``: keep ``hotplug_ports`` ports free (ports cannot be hot-plugged into pcie.0)."""
@@ -408,7 +390,6 @@ class Topology:
         free = sum(1 for p in self.ports() if p.slots.is_free(0))
         for _ in range(self.vm.hotplug_ports - free):
             self._attach(self.add_port())
-        self.added.clear()
 
     # -- reading ------------------------------------------------------------------------------
     def walk(self) -> Iterator[Bus]:
@@ -427,15 +408,22 @@ def _bus_kind(kind: ControllerKind) -> BusKind:
     return BusKind.PCIE_ROOT_PORT if kind is ControllerKind.PCIE_ROOT_PORT else BusKind.PCI_BRIDGE
 
 
+def _ports_only(held: dict[int, str]) -> bool:
+    """Are all functions of a slot held by our root ports (which share slots, eight to one)?"""
+    return all(holder.startswith("pcie-port-") for holder in held.values())
+
+
+def _refusal(refused: list[tuple[str, str]]) -> str:
+    """Why hot add found no bus: one refused bus is named once, several each with its reason."""
+    if len(refused) == 1:
+        return refused[0][1]
+    return "; ".join(f"{name}: {why}" for name, why in refused)
+
+
 def _port_mask(configured: str | None) -> str:
     if configured is None:
         return PCIE_PORT_RESERVATIONS
     return "".join("1" if "1" in pair else "0" for pair in zip(configured, PCIE_PORT_RESERVATIONS))
-
-
-def group_placements(first: Placement, count: int) -> Sequence[tuple[int, int]]:
-    """(slot, function) of each member of a group placed at *first*."""
-    return [(first.slot, function) for function in range(count)]
 
 
 def check_records(vm: VMSpec, controllers: Iterable[Controller], devices: Iterable[Device]) -> Topology:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Sequence
 
-from ..capabilities import QemuCapabilities, check_capabilities, check_qemu, hotplug_support
+from ..capabilities import QemuCapabilities, check_capabilities, check_qemu, hotplug_support, known_support
 from ..errors import (
     BusNotHotpluggable,
     DeviceAddFailed,
@@ -46,7 +46,6 @@ from .common import (
     check_unique_uuids,
     describe_live,
     find,
-    forget,
     forget_all,
     log,
     members,
@@ -173,10 +172,9 @@ async def _add_units(
     explicit = any(unit.slot is not None for unit in units)
     for attempt in range(RACE_RETRIES + 1):
         view = await _view(monitor, fresh=attempt > 0)
-        if _new_buses(monitor, view):
+        support = known_support(monitor, view)  # every bus asked about on this connection: no I/O
+        if support is None:
             support = await hotplug_support(monitor, store.get_vm(vm), view)
-        else:  # every bus in the view was asked about on this connection: no I/O
-            support = dict(getattr(monitor, "bus_hotplug"))
         try:
             reserved = _reserve(store, vm, units, view, support, caps)
         except (SlotError, BusNotHotpluggable):
@@ -248,14 +246,6 @@ async def _add_and_view(monitor: MonitorLike, arguments: dict[str, Any]) -> PciO
         raise MonitorError(f"QEMU took device_add of {arguments.get('id')} but then refused query-pci: {exc}") from exc
 
 
-def _new_buses(monitor: MonitorLike, view: PciOccupancy) -> bool:
-    """Does *view* show a bus whose hotplug support this connection has not asked QEMU about yet?"""
-    known = getattr(monitor, "bus_hotplug", None)
-    if known is None:
-        return True
-    return not known or any(f.qdev_id not in known for f in view.functions if f.secondary_bus is not None and f.qdev_id)
-
-
 def _reserve(
     store: Store,
     vm: str,
@@ -311,7 +301,7 @@ async def _undo(
     if single:
         device = reserved[0][0][0]
         if isinstance(cause, QemuCommandError) and not added:
-            forget(store, vm, device)
+            forget_all(store, vm, [device])
             return DeviceAddFailed(
                 f"QEMU refused device_add of {device.qemu_id} at {device.bus} slot {device.slot}", cause.qemu_message
             )

@@ -134,14 +134,9 @@ def find(store: Store, vm: str, uuid: str) -> Device | None:
         return txn.find_device(vm, uuid)
 
 
-def forget(store: Store, vm: str, device: Device) -> bool:
-    """Release *device*'s slot, but only if the record is still the one we acted on."""
-    with store.transaction() as txn:
-        return txn.remove_device(vm, device.uuid, expect=device)
-
-
 def forget_all(store: Store, vm: str, devices: Iterable[Device]) -> list[Device]:
-    """Release several records in one transaction; returns those that were still as we saw them."""
+    """Release records' slots in one transaction, but only records still as we saw them (a caller
+    acting on an older read never deletes a newer record); returns those released."""
     with store.transaction() as txn:
         return [d for d in devices if txn.remove_device(vm, d.uuid, expect=d)]
 
