@@ -93,7 +93,7 @@ _FALSE_WORDS = frozenset({"0", "f", "false", "off", "n", "no"})
 _BOOL_WORDS_SHOWN = ", ".join(repr(w) for w in sorted(_TRUE_WORDS | _FALSE_WORDS))
 # Tags whose values become 'true'/'false' (Nova's _normalize_device_spec_tag, plus remote_managed,
 # which Nova reads as a boolean but keeps as written: "yes" would then never equal a port's "true").
-_BOOL_TAGS = ("managed", "live_migratable", "one_time_use", "remote_managed")
+BOOL_TAGS = frozenset({"managed", "live_migratable", "one_time_use", "remote_managed"})
 # A regex dict whose four parts are spelled like this names one address (Nova's is_single_address
 # + sysfs lookup): it is indexed and covers that PF's VFs.
 _CANONICAL_PARTS = {
@@ -317,6 +317,20 @@ def _parse_tag(name: str, value: Any, where: str) -> str | None:
     return value
 
 
+def bool_word(value: object) -> str | None:
+    """``'true'``/``'false'`` for a boolean, or for one of oslo's ``bool_from_string`` words in any
+    case with spaces around it (``yes``, ``OFF``, ``1`` ...); None for anything else.  The one
+    reading of boolean tags shared by device specs, aliases and pools."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    word = value.strip().lower() if isinstance(value, str) else None
+    if word in _TRUE_WORDS:
+        return "true"
+    if word in _FALSE_WORDS:
+        return "false"
+    return None
+
+
 def _bool_tag_value(name: str, value: Any, where: str) -> str:
     """Nova's ``_normalize_device_spec_tag``: a boolean-like value becomes 'true' or 'false'.
 
@@ -324,15 +338,11 @@ def _bool_tag_value(name: str, value: Any, where: str) -> str:
     of :data:`_TRUE_WORDS`/:data:`_FALSE_WORDS` in any case and with spaces
     around it; JSON 0 and 1 too (Nova reads them as ``str(value)``).
     """
-    if isinstance(value, bool):
+    if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):
         return "true" if value else "false"
-    if isinstance(value, int) and value in (0, 1):
-        return "true" if value else "false"
-    word = value.strip().lower() if isinstance(value, str) else None
-    if word in _TRUE_WORDS:
-        return "true"
-    if word in _FALSE_WORDS:
-        return "false"
+    word = bool_word(value)
+    if word is not None:
+        return word
     raise InvalidDeviceSpec(
         f"{where}: tag {shown(name)} must be 'true' or 'false', got {shown(value)} "
         f"(acceptable values, in any case: {_BOOL_WORDS_SHOWN})"
@@ -367,7 +377,7 @@ class DeviceSpecEntry:
         for key, value in raw.items():
             if key in _RESERVED_KEYS:
                 continue
-            if key in _BOOL_TAGS and value is not None:
+            if key in BOOL_TAGS and value is not None:
                 tags[key] = _bool_tag_value(key, value, where)
                 continue
             tag = _parse_tag(key, value, where)

@@ -40,7 +40,7 @@ from typing import Any
 from .._shown import shown
 from ..errors import AliasNotDefined, InvalidAlias, InvalidPciRequest
 from .address import DEV_TYPES
-from .devspec import TAG_NAME_RE
+from .devspec import BOOL_TAGS, TAG_NAME_RE, bool_word
 
 __all__ = [
     "NUMA_POLICY_REQUIRED",
@@ -91,17 +91,12 @@ _ID_RE = re.compile(r"[0-9a-fA-F]{4}")
 _LOWER_ID_RE = re.compile(r"[0-9a-f]{4}")
 _COUNT_RE = re.compile(r"[0-9]+")
 _MAX_COUNT_DIGITS = 4000  # significant digits; below the 4300 digits Python's int() accepts
-_TRUE_WORDS = frozenset({"1", "t", "true", "on", "y", "yes"})
-_FALSE_WORDS = frozenset({"0", "f", "false", "off", "n", "no"})
 # Keys of a request spec compared with the device record; every other key is a tag.
 _DEVICE_FIELDS = frozenset({"vendor_id", "product_id", "dev_type"})
 _ALIAS_KEYS = frozenset({"name", "vendor_id", "product_id", "device_type", "numa_policy", "capability_type"})
 #: Device tags an alias may require without being told of them (Nova 34's schema has only
 #: ``live_migratable``; the others are kvmslots' alias tags after the SR-IOV wiki, seed 004).
 ALIAS_TAG_KEYS = frozenset({"live_migratable", "managed", "physical_network", "remote_managed", "trusted"})
-#: Tags whose value is a boolean word, normalised to "true"/"false": the same set device_spec normalises
-#: (one_time_use only reaches an alias through ``extra_tags``).
-BOOL_TAGS = frozenset({"live_migratable", "managed", "one_time_use", "remote_managed"})
 _NOT_ALIAS_KEYS = {
     "dev_type": "use 'device_type'",
     "device_id": "use 'product_id'",
@@ -164,13 +159,9 @@ def _choice(raw: Any, key: str, allowed: Sequence[str], where: str) -> str:
 
 
 def _bool_word(raw: Any, key: str, where: str) -> str:
-    if isinstance(raw, bool):
-        return "true" if raw else "false"
-    word = raw.strip().lower() if isinstance(raw, str) else None
-    if word in _TRUE_WORDS:
-        return "true"
-    if word in _FALSE_WORDS:
-        return "false"
+    word = bool_word(raw)
+    if word is not None:
+        return word
     raise InvalidAlias(f"{where}: {key!r} must be true or false, got {shown(raw)}")
 
 

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 from ..errors import PciDeviceRequestFailed
 from .address import DEV_TYPE_PCI, DEV_TYPE_PF, DEV_TYPE_VF
 from .device import PciDevice, PciStatus
+from .devspec import bool_word
 from .request import values_match
 
 __all__ = ["Pool", "PciDeviceStats", "NUMA_POLICIES", "PoolKey", "REMOTE_MANAGED"]
@@ -31,8 +32,6 @@ NUMA_POLICIES = ("required", "legacy", "preferred", "socket")
 _DEVICE_KEYS = ("vendor_id", "product_id", "dev_type")
 #: Nova's ``PCI_REMOTE_MANAGED_TAG``: always a pool key, implicitly ``'false'`` on PFs and VFs.
 REMOTE_MANAGED = "remote_managed"
-_TRUE_WORDS = frozenset({"1", "t", "true", "on", "y", "yes"})  # oslo's bool_from_string
-_FALSE_WORDS = frozenset({"0", "f", "false", "off", "n", "no"})
 _NOT_REMOTE_MANAGED = ((REMOTE_MANAGED, "false"),)
 
 PoolKey = tuple[str, str, int | None, str, str | None, tuple[tuple[str, str], ...]]
@@ -325,16 +324,15 @@ def _tags_match(alternatives: list[Mapping[str, str]], device: PciDevice) -> boo
 
 def _bool_word(value: str | None) -> str | None:
     """A boolean tag value as Nova compares it, with oslo's spellings of true and false
-    (``yes``, ``0``, ...) read as ``true`` / ``false``."""
+    (``yes``, ``0``, ...) read as ``true`` / ``false``; other text as written (lowercased)."""
     if value is None:
         return None
-    word = value.strip().lower()
-    return "true" if word in _TRUE_WORDS else "false" if word in _FALSE_WORDS else word
+    return bool_word(value) or value.strip().lower()
 
 
 def _truthy(value: str | None) -> bool:
     """oslo's ``bool_from_string`` (non-strict): only the true spellings are true."""
-    return value is not None and value.strip().lower() in _TRUE_WORDS
+    return bool_word(value) == "true"
 
 
 def _relatives(device: PciDevice) -> list[str]:
