@@ -14,7 +14,9 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import shlex
+import socket
 import sys
 from pathlib import Path
 from typing import Any, Awaitable, Callable, NoReturn, Sequence, TypeVar
@@ -27,13 +29,15 @@ from .model import DEFAULT_HOTPLUG_PORTS, Controller, Device, DeviceGroup, Devic
 from .monitor import Monitor, command_timeout_from_env, validate_timeout
 from .pciview import PciOccupancy
 from .slots import NUM_SLOTS
-from .store import Store
+from .store import DATABASE_URL_ENV, Store
 from .topology import Topology
 
 __all__ = ["main"]
 
 T = TypeVar("T")
 DEFAULT_STATE_DIR = "/var/lib/kvmslots"
+HOST_ENV = "KVMSLOTS_HOST"
+_HOST_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 _SLOT_MARKS = {
     "reserved": "R", "ours": "O", "group": "M", "pending": "P", "controller": "C", "foreign": "F", "free": ".",
 }
@@ -199,7 +203,7 @@ def cmd_plan(args: argparse.Namespace, store: Store, out: Output) -> int:
             spare_bridge=args.spare_bridge if args.spare_bridge is not None else bool(same_family and old and old.spare_bridge),
             reserve_slots=args.reserve_slots,
         )
-    plan = asyncio.run(hotplug.plan_boot(store, vm, units, host=_host_devices(store)))
+    plan = asyncio.run(hotplug.plan_boot(store, vm, units, host=_host_devices(args, store)))
     rows = [{**_controller_json(c), "arg": c.device_option()} for c in plan.controllers]
     rows += [{**_device_json(d), "arg": d.device_option()} for d in plan.devices]
     for row in rows:
@@ -243,7 +247,7 @@ def cmd_attach(args: argparse.Namespace, store: Store, out: Output) -> int:
 
 
 def cmd_detach(args: argparse.Namespace, store: Store, out: Output) -> int:
-    host = _host_devices(store)
+    host = _host_devices(args, store)
     result = _with_monitor(
         args, lambda mon: hotplug.hot_del(store, mon, args.vm, args.uuid, timeout=args.timeout, host=host)
     )
@@ -264,7 +268,7 @@ def cmd_detach(args: argparse.Namespace, store: Store, out: Output) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace, store: Store, out: Output) -> int:
-    host = _host_devices(store)
+    host = _host_devices(args, store)
     report = _with_monitor(args, lambda mon: hotplug.reconcile(store, mon, args.vm, host=host))
     data = report.to_json()
 
@@ -373,32 +377,53 @@ def cmd_import(args: argparse.Namespace, store: Store, out: Output) -> int:
 # --------------------------------------------------------------------------- host commands
 
 
-def _tracker(store: Store, device_spec: Any | None = None) -> Any:
+def _host_name(args: argparse.Namespace, store: Store) -> str:
+    """This host's name in the device inventory: --host-name, $KVMSLOTS_HOST, else the machine's
+    hostname on a shared (PostgreSQL) state and 'local' in a SQLite file (as kvmslots <= 0.3 did)."""
+    name = getattr(args, "host_name", None) or os.environ.get(HOST_ENV)
+    if not name:
+        name = socket.gethostname() if store.shared else "local"
+    if not _HOST_RE.fullmatch(name):
+        raise UsageError(f"host name {name!r} is not valid (letters, digits, '.', '_', ':' and '-', at most 128)")
+    return name
+
+
+def _tracker(args: argparse.Namespace, store: Store, device_spec: Any | None = None) -> Any:
     from .pci.devspec import Whitelist
     from .pci.tracker import PciDevTracker
 
-    return PciDevTracker(store, Whitelist.from_config(device_spec) if device_spec is not None else None)
+    whitelist = Whitelist.from_config(device_spec) if device_spec is not None else None
+    return PciDevTracker(store, whitelist, node_id=_host_name(args, store))
 
 
-def _host_devices(store: Store) -> Any:
+def _host_devices(args: argparse.Namespace, store: Store) -> Any:
     """The host side of passthrough devices, so that removing one frees its host device.
     (The CLI binds nothing to vfio-pci; a manager that wants that passes a binder to the library.)"""
     from .passthrough import HostDevices
 
-    return HostDevices(_tracker(store))
+    return HostDevices(_tracker(args, store))
+
+
+def _stored_device_spec(store: Store, host: str) -> Any | None:
+    """The device spec the last ``host sync --device-spec`` stored (in the database; kvmslots <= 0.3
+    kept it in the SQLite state directory, which is still read)."""
+    with store.reading() as txn:
+        spec = txn.device_spec(host)
+    if spec is None and store.state_dir is not None:
+        legacy = Path(store.state_dir) / "device_spec.json"
+        if legacy.exists():
+            spec = _read_json_file(str(legacy), "stored device spec")
+    return spec
 
 
 def cmd_host_sync(args: argparse.Namespace, store: Store, out: Output) -> int:
     from .pci import discovery
 
-    spec_file = Path(store.state_dir) / "device_spec.json"
-    if args.device_spec:
-        spec = _read_json_file(args.device_spec, "device spec")
-    elif spec_file.exists():
-        spec = _read_json_file(str(spec_file), "stored device spec")
-    else:
+    host = _host_name(args, store)
+    spec = _read_json_file(args.device_spec, "device spec") if args.device_spec else _stored_device_spec(store, host)
+    if spec is None:
         raise UsageError("no device spec yet: give --device-spec FILE (a JSON list of Nova device_spec entries)")
-    tracker = _tracker(store, spec)  # validates the spec before anything is read or written
+    tracker = _tracker(args, store, spec)  # validates the spec before anything is read or written
     if args.devices_json:
         devices = _read_json_file(args.devices_json, "device list")
     elif args.libvirt:
@@ -407,7 +432,8 @@ def cmd_host_sync(args: argparse.Namespace, store: Store, out: Output) -> int:
         devices = discovery.discover_sysfs(args.sysfs)
     report = tracker.update_devices_from_hypervisor_resources(devices)
     if args.device_spec:
-        _write_private(str(spec_file), json.dumps(spec), "the stored device spec")
+        with store.transaction() as txn:
+            txn.set_device_spec(host, spec)
     data = report.to_json()
     out.emit(data, lambda: "\n".join(f"{k} {len(v)}: {' '.join(v) or '-'}" for k, v in data.items()))
     return 0
@@ -421,7 +447,7 @@ def cmd_host_devices(args: argparse.Namespace, store: Store, out: Output) -> int
     rows = [
         {"address": d.address, "vendor_id": d.vendor_id, "product_id": d.product_id, "dev_type": d.dev_type,
          "parent_addr": d.parent_addr, "numa_node": d.numa_node, "status": d.status.value, "instance": d.instance_uuid}
-        for d in _tracker(store).all_devs
+        for d in _tracker(args, store).all_devs
         if args.status is None or d.status.value == args.status
     ]
 
@@ -441,7 +467,7 @@ def cmd_host_pools(args: argparse.Namespace, store: Store, out: Output) -> int:
     rows = [
         {"vendor_id": p.vendor_id, "product_id": p.product_id, "numa_node": p.numa_node, "dev_type": p.dev_type,
          "tags": dict(p.tags), "count": p.count}
-        for p in _tracker(store).pci_stats.pools
+        for p in _tracker(args, store).pci_stats.pools
     ]
 
     def text() -> str:
@@ -459,7 +485,7 @@ def cmd_host_pools(args: argparse.Namespace, store: Store, out: Output) -> int:
 def cmd_host_claim(args: argparse.Namespace, store: Store, out: Output) -> int:
     from .pci.request import get_pci_requests_from_flavor, parse_aliases
 
-    tracker = _tracker(store)
+    tracker = _tracker(args, store)
     # an alias may ask for any tag the operator's device_spec gave the tracked devices
     extra_tags = {name for device in tracker.all_devs for name in device.tags}
     aliases = parse_aliases(_read_json_file(args.aliases, "aliases file"), extra_tags=extra_tags)
@@ -471,10 +497,72 @@ def cmd_host_claim(args: argparse.Namespace, store: Store, out: Output) -> int:
 
 
 def cmd_host_free(args: argparse.Namespace, store: Store, out: Output) -> int:
-    tracker = _tracker(store)
+    tracker = _tracker(args, store)
     addresses = [d.address for d in tracker.get_instance_pci_devs(args.vm, "all")]
     tracker.free_instance(args.vm)
     out.emit(addresses, f"freed for {args.vm}: {' '.join(addresses) or 'nothing'}")
+    return 0
+
+
+def _pool_row(pool: dict[str, Any]) -> dict[str, Any]:
+    keys = ("vendor_id", "product_id", "numa_node", "dev_type", "parent_addr", "count")
+    return {**{k: pool.get(k) for k in keys}, "tags": {k: v for k, v in pool.items() if k not in keys}}
+
+
+def cmd_cluster_pools(args: argparse.Namespace, store: Store, out: Output) -> int:
+    from .cluster import cluster_pools
+
+    hosts = cluster_pools(store, args.host)
+    data = [{**h.to_json(), "pools": [_pool_row(p) for p in h.stats]} for h in hosts]
+
+    def text() -> str:
+        lines = [f"{'HOST':<20} {'VENDOR':<6} {'PRODUCT':<7} {'NUMA':>4}  {'TYPE':<8} {'FREE':>5}  TAGS"]
+        for host in data:
+            if not host["pools"]:
+                lines.append(f"{host['host']:<20} {'-':<6} {'-':<7} {'-':>4}  {'-':<8} {0:>5}  -")
+            for r in host["pools"]:
+                numa = "-" if r["numa_node"] is None else str(r["numa_node"])
+                tags = ",".join(f"{k}={v}" for k, v in sorted(r["tags"].items())) or "-"
+                lines.append(f"{host['host']:<20} {r['vendor_id']:<6} {r['product_id']:<7} {numa:>4}  "
+                             f"{r['dev_type']:<8} {r['count']:>5}  {tags}")
+        return "\n".join(lines)
+
+    out.emit(data, text)
+    return 0
+
+
+def cmd_cluster_hosts(args: argparse.Namespace, store: Store, out: Output) -> int:
+    from .cluster import cluster_pools, fitting_hosts
+    from .pci.request import get_pci_requests_from_flavor, parse_aliases
+
+    if args.numa_cells is not None and args.numa_cells < 1:
+        raise UsageError(f"--numa-cells must be at least 1, got {args.numa_cells}")
+    # an alias may ask for any tag some host's device_spec gave its devices
+    inventory = cluster_pools(store)
+    extra_tags = {k for h in inventory for p in h.stats.pools for k in p.tags}
+    aliases = parse_aliases(_read_json_file(args.aliases, "aliases file"), extra_tags=extra_tags)
+    flavor = {"extra_specs": {"pci_passthrough:alias": args.request}}
+    requests = get_pci_requests_from_flavor(flavor, aliases, args.numa_policy)
+    fits = fitting_hosts(inventory, requests, numa_cells=args.numa_cells)
+    data = [fit.to_json() for fit in fits]
+
+    def text() -> str:
+        if not data:
+            return f"no host can meet {args.request}"
+        return "\n".join(
+            f"{d['host']}" + ("" if d["numa_cells"] is None else f"  NUMA {','.join(map(str, d['numa_cells']))}")
+            for d in data
+        )
+
+    out.emit(data, text)
+    return 0
+
+
+def cmd_cluster_forget(args: argparse.Namespace, store: Store, out: Output) -> int:
+    from .cluster import forget_host
+
+    gone = forget_host(store, args.host)
+    out.emit({"host": args.host, "devices": gone}, f"forgot host {args.host} and its {gone} device(s)")
     return 0
 
 
@@ -489,8 +577,11 @@ def cmd_demo(args: argparse.Namespace, store: Store | None, out: Output) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kvmslots", description="Stable PCI slots, device ids and safe hotplug for QEMU/KVM VMs.")
-    parser.add_argument("--state", metavar="DIR", help="state directory (default $KVMSLOTS_STATE_DIR or "
-                        f"{DEFAULT_STATE_DIR}; created 0700)")
+    parser.add_argument("--state", metavar="DIR|URL", help="where the state lives: a directory for this host's "
+                        "SQLite file (created 0700), or a postgresql:// URL of a database many hosts share "
+                        f"(default ${DATABASE_URL_ENV}, else $KVMSLOTS_STATE_DIR, else {DEFAULT_STATE_DIR})")
+    parser.add_argument("--host-name", metavar="NAME", help="this host's name in the device inventory (default "
+                        f"${HOST_ENV}; else the hostname on a PostgreSQL state, 'local' on a SQLite one)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--qmp-timeout", metavar="SECONDS", help="longest wait for QEMU to answer one QMP "
                         "command (default $KVMSLOTS_QMP_TIMEOUT or 15); a wedged QEMU ends the command with exit 1")
@@ -589,6 +680,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("vm")
     p.set_defaults(func=cmd_host_free)
 
+    cluster = sub.add_parser("cluster", help="every host's passthrough devices (a state shared by many hosts)")
+    csub = cluster.add_subparsers(dest="cluster_command", required=True, metavar="CLUSTER_COMMAND",
+                                  parser_class=_Parser)
+    p = csub.add_parser("pools", help="every host's pools of free devices")
+    p.add_argument("--host", action="append", metavar="NAME", help="only this host (repeatable)")
+    p.set_defaults(func=cmd_cluster_pools)
+    p = csub.add_parser("hosts", help="the hosts that can meet a flavor-style PCI request")
+    p.add_argument("--request", required=True, metavar='"alias:count[, alias:count]"',
+                   help="the flavor's pci_passthrough:alias value")
+    p.add_argument("--aliases", required=True, metavar="FILE", help="JSON list of Nova alias entries")
+    p.add_argument("--numa-policy", choices=("required", "legacy", "preferred", "socket"),
+                   help="the flavor's hw:pci_numa_affinity_policy (default: each alias's own)")
+    p.add_argument("--numa-cells", type=int, metavar="N", help="the VM has N NUMA cells: a host fits when N of "
+                   "its NUMA nodes can serve the requests under the policy (default: no NUMA topology)")
+    p.set_defaults(func=cmd_cluster_hosts)
+    p = csub.add_parser("forget", help="remove a host's devices from the inventory (a host that is gone)")
+    p.add_argument("host")
+    p.set_defaults(func=cmd_cluster_forget)
+
     p = sub.add_parser("demo", help="walk a disposable VM through the whole life cycle")
     p.set_defaults(func=cmd_demo)
     return parser
@@ -598,7 +708,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     out = Output(args.json)
-    args.state_given = args.state or os.environ.get("KVMSLOTS_STATE_DIR")
+    args.state_given = args.state or os.environ.get(DATABASE_URL_ENV) or os.environ.get("KVMSLOTS_STATE_DIR")
     command: Callable[[argparse.Namespace, Store, Output], int] = args.func
     try:
         _validate_early(args)

@@ -41,6 +41,8 @@ __all__ = [
     "StateImportError",
     "VMBusy",
     "StateCorrupt",
+    "StoreUnavailable",
+    "UnknownHost",
     "MonitorError",
     "MonitorUnavailable",
     "MonitorConnectionLost",
@@ -253,6 +255,27 @@ class StateCorrupt(StateError):
     def __init__(self, message: str, path: str) -> None:
         self.path = path
         super().__init__(message)
+
+
+class StoreUnavailable(StateError):
+    """The state database cannot be reached (a PostgreSQL server down, refused, or gone mid-transaction).
+
+    ``location`` is where we tried (a URL without its password).  Whatever
+    the interrupted transaction wrote was rolled back by the server; kvmslots
+    never falls back to another store.
+    """
+
+    def __init__(self, message: str, location: str) -> None:
+        self.location = location
+        super().__init__(message)
+
+
+class UnknownHost(StateError, LookupError):
+    """No host of that name has devices in the (cluster) inventory."""
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        super().__init__(f"No host named {host!r} in the device inventory")
 
 
 class StateImportError(StateError, ValidationError):

@@ -52,3 +52,7 @@ except InvalidArgument:
 
 def pytest_report_header() -> str:
     return f"kvmslots fuzz profile: {_selected} ({FUZZ_PROFILE_ENV})"
+
+
+# The PostgreSQL server and the per-test state location (SQLite or PostgreSQL) of the contract suite.
+from pgserver import pg_server, pg_url, state_location  # noqa: E402,F401

@@ -34,8 +34,8 @@ def spec(n: int, **kw) -> DeviceSpec:
 
 
 @pytest.fixture
-def store(tmp_path):
-    with Store(tmp_path / "state") as s:
+def store(state_location):
+    with Store(state_location) as s:
         s.define_vm(VMSpec("vm1"))
         yield s
 

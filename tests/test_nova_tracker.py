@@ -78,8 +78,8 @@ ALL = Whitelist.from_config([json.dumps({"vendor_id": v}) for v in (V, V1, V2)])
 
 
 @pytest.fixture
-def state(tmp_path):
-    return tmp_path / "state"
+def state(state_location):
+    return state_location
 
 
 def open_tracker(state, spec=ALL, **kw):
@@ -110,7 +110,7 @@ def write_state(state, address, status_, owner=None):
     with Store(state).transaction() as txn:
         txn.execute("UPDATE pci_devices SET status = ?, instance_uuid = ? WHERE address = ?",
                     (status_, owner, address))
-        txn.execute("UPDATE pci_meta SET generation = generation + 1")
+        txn.execute("UPDATE pci_hosts SET generation = generation + 1")
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""PciDevTracker: Nova's semantics, persisted as it changes (real SQLite)."""
+"""PciDevTracker: Nova's semantics, persisted as it changes (real SQLite and a real PostgreSQL server)."""
 
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ ALL_INTEL = Whitelist.from_config([json.dumps({"vendor_id": "8086", "physical_ne
 
 
 @pytest.fixture
-def state(tmp_path):
-    return tmp_path / "state"
+def state(state_location):
+    return state_location
 
 
 def open_tracker(state_dir, whitelist=ALL_INTEL, **kw):
@@ -149,7 +149,7 @@ def test_socket_policy_uses_the_host_socket_map(state):
     t = open_tracker(state, numa_sockets={0: 0, 1: 0, 2: 1})
     t.update_devices_from_hypervisor_resources(host(plain=1))
     assert t.claim_instance("vm-a", [request("type-PCI", policy="socket")], numa_cells=[1])
-    t2 = open_tracker(state.parent / "s2", numa_sockets={0: 0, 1: 1})
+    t2 = open_tracker(state, numa_sockets={0: 0, 1: 1}, node_id="s2")  # another host
     t2.update_devices_from_hypervisor_resources(host(plain=1))
     with pytest.raises(PciDeviceRequestFailed):
         t2.claim_instance("vm-a", [request("type-PCI", policy="socket")], numa_cells=[1])
@@ -160,7 +160,7 @@ def test_grouping_keys_choose_which_tags_split_pools(state):
                                 {"address": pf_addr(1), "physical_network": "net0", "trusted": "false"}])
     grouped = open_tracker(state, wl, grouping_keys=["physical_network"])
     grouped.update_devices_from_hypervisor_resources(host(plain=0, numa=False))
-    everything = open_tracker(state.parent / "other", wl)
+    everything = open_tracker(state, wl, node_id="other")  # another host
     everything.update_devices_from_hypervisor_resources(host(plain=0, numa=False))
     pf_pools = lambda t: [p for p in t.pci_stats.pools if p.dev_type == "type-PF"]  # noqa: E731
     assert len(pf_pools(grouped)) == 1 and len(pf_pools(everything)) == 2
@@ -336,7 +336,7 @@ def test_a_pf_devname_spec_covers_its_vfs_and_remote_managed_needs_vpd(state):
     assert {d.tags["physical_network"] for d in t.all_devs} == {"physnet1"}
     vf = next(d for d in topo if d["dev_type"] == "type-VF")
     spec = Whitelist.from_config([{"vendor_id": "8086", "remote_managed": "true"}])
-    remote = open_tracker(state.parent / "remote", spec)
+    remote = open_tracker(state, spec, node_id="remote")  # another host
     remote.update_devices_from_hypervisor_resources(
         [dict(vf, capabilities={"vpd": {"card_serial_number": "MT2113X00000"}}), dict(topo[0])])
     assert [d.address for d in remote.all_devs] == [vf["address"]]

@@ -206,7 +206,7 @@ def test_item4_a_schema_1_state_file_opens_and_is_upgraded_in_place(tmp_path):
     with Store(state) as s:
         assert [(d.slot, d.state) for d in s.devices("old")] == [(5, DeviceState.DETACHING)]
         with s.reading() as txn:
-            assert txn.execute("PRAGMA user_version").fetchone()[0] == 3  # upgraded all the way: 1 -> 2 -> 3
+            assert txn.execute("PRAGMA user_version").fetchone()[0] == 4  # upgraded all the way: 1 -> 2 -> 3 -> 4
             assert txn.unplug_requested("old") == set()  # unknown: reconcile asks QEMU again
 
 

@@ -39,8 +39,8 @@ def plan(store, vm, devices):
 
 
 @pytest.fixture
-def store(tmp_path):
-    with Store(tmp_path / "state") as s:
+def store(state_location):
+    with Store(state_location) as s:
         yield s
 
 

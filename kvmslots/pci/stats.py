@@ -50,11 +50,20 @@ class Pool:
     devices: dict[str, PciDevice] = field(default_factory=dict, repr=False)
     #: Its ``remote_managed`` tag is true: only requests asking for that may use it.
     remote_managed: bool = field(default=False, repr=False)
+    #: Free devices known only by number (a cluster view), by their full tag sets.
+    counted: list[tuple[dict[str, str], int]] = field(default_factory=list, repr=False)
     _described: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def count(self) -> int:
-        return len(self.devices)
+        return len(self.devices) + sum(n for _, n in self.counted)
+
+    def free_by_tags(self) -> Iterator[tuple[tuple[str, Any], Mapping[str, str], int]]:
+        """The free devices as (entry, tags, number): one entry per device, and one per counted tag set."""
+        for address, device in self.devices.items():
+            yield ("device", address), device.tags, 1
+        for index, (tags, count) in enumerate(self.counted):
+            yield ("counted", index), tags, count
 
     def describe(self) -> dict[str, Any]:
         # a pool's keys never change: build their part once, then copy it (C speed) per call
@@ -71,7 +80,7 @@ class Pool:
             out.update(self.tags)
             self._described = out
         described = dict(self._described)
-        described["count"] = len(self.devices)
+        described["count"] = self.count
         return described
 
 
@@ -95,20 +104,38 @@ class PciDeviceStats:
 
     # -- membership -------------------------------------------------------------
     def _key(self, device: PciDevice) -> PoolKey:
-        tags = device.tags
-        parent = device.parent_addr if device.dev_type == DEV_TYPE_VF else None
+        return self._key_of(
+            device.vendor_id, device.product_id, device.numa_node, device.dev_type, device.parent_addr, device.tags
+        )
+
+    def _key_of(
+        self, vendor: str, product: str, numa: int | None, dev_type: str, parent_addr: str | None,
+        tags: Mapping[str, str],
+    ) -> PoolKey:
+        parent = parent_addr if dev_type == DEV_TYPE_VF else None
         key_tags: tuple[tuple[str, str], ...]
         if not tags:  # the common case, kept cheap: a sync re-keys every device
-            key_tags = () if device.dev_type == DEV_TYPE_PCI else _NOT_REMOTE_MANAGED
+            key_tags = () if dev_type == DEV_TYPE_PCI else _NOT_REMOTE_MANAGED
         else:
             grouping = self.grouping_keys
             items = list(tags.items()) if grouping is None else [
                 (k, v) for k, v in tags.items() if k in grouping or k == REMOTE_MANAGED
             ]
-            if device.dev_type != DEV_TYPE_PCI and REMOTE_MANAGED not in tags:
+            if dev_type != DEV_TYPE_PCI and REMOTE_MANAGED not in tags:
                 items.append(_NOT_REMOTE_MANAGED[0])  # Nova's _ensure_remote_managed_tag
             key_tags = tuple(sorted(items))
-        return (device.vendor_id, device.product_id, device.numa_node, device.dev_type, parent, key_tags)
+        return (vendor, product, numa, dev_type, parent, key_tags)
+
+    def _pool(self, key: PoolKey) -> Pool:
+        pool = self._pools.get(key)
+        if pool is None:
+            vendor, product, numa, dev_type, parent, tags = key
+            remote = _truthy(dict(tags).get(REMOTE_MANAGED))
+            pool = Pool(vendor, product, numa, dev_type, parent, dict(tags), remote_managed=remote)
+            self._pools[key] = pool
+            self._by_ids.setdefault((vendor, product), set()).add(key)
+            self._order = None
+        return pool
 
     def update(self, devices: Iterable[PciDevice]) -> None:
         """Put each device where its status says: in its pool when available, else nowhere."""
@@ -116,16 +143,18 @@ class PciDeviceStats:
             self._discard(device.address)
             if device.status is PciStatus.AVAILABLE:
                 key = self._key(device)
-                pool = self._pools.get(key)
-                if pool is None:
-                    vendor, product, numa, dev_type, parent, tags = key
-                    remote = _truthy(dict(tags).get(REMOTE_MANAGED))
-                    pool = Pool(vendor, product, numa, dev_type, parent, dict(tags), remote_managed=remote)
-                    self._pools[key] = pool
-                    self._by_ids.setdefault((vendor, product), set()).add(key)
-                    self._order = None
-                pool.devices[device.address] = device
+                self._pool(key).devices[device.address] = device
                 self._where[device.address] = key
+
+    def add_counted(
+        self, vendor: str, product: str, numa: int | None, dev_type: str, parent_addr: str | None,
+        tags: Mapping[str, str], count: int,
+    ) -> None:
+        """Add *count* free devices known only by their pool keys and tags (what a scheduler sees of a
+        host: Nova's ``pci_device_pools``).  Such pools answer :meth:`fits`, not :meth:`plan`."""
+        if count > 0:
+            key = self._key_of(vendor, product, numa, dev_type, parent_addr, tags)
+            self._pool(key).counted.append((dict(tags), count))
 
     def forget(self, addresses: Iterable[str]) -> None:
         for address in addresses:
@@ -162,7 +191,7 @@ class PciDeviceStats:
         return iter(pool.describe() for pool in self.pools)
 
     def free_count(self) -> int:
-        return len(self._where)
+        return len(self._where) + sum(n for pool in self._pools.values() for _, n in pool.counted)
 
     # -- requests ---------------------------------------------------------------
     def support_requests(self, requests: Sequence[Any], numa_cells: Sequence[int] | None = None) -> bool:
@@ -171,6 +200,37 @@ class PciDeviceStats:
             self.plan(requests, numa_cells)
         except PciDeviceRequestFailed:
             return False
+        return True
+
+    def fits(self, requests: Sequence[Any], numa_cells: Sequence[int] | None = None) -> bool:
+        """Could these requests be met together, by counts alone? (Nova's scheduler filter.)
+
+        The same pools, the same matching and the same NUMA tiers as
+        :meth:`plan`, but over numbers: a request takes what it needs from
+        its candidate pools in order, and what it took is not there for the
+        next request.  Like Nova's ``PciPassthroughFilter`` it does not
+        look at IOMMU groups or at a PF and its VFs asked for in one claim,
+        so a host it accepts can still refuse the claim (the host's tracker
+        decides); a host it refuses could not meet the requests.
+        """
+        taken: dict[tuple[int, tuple[str, Any]], int] = {}
+        for request in requests:
+            need = request.count
+            for pool, residual in self._candidates(request, numa_cells):
+                for entry, tags, count in pool.free_by_tags():
+                    if residual is not None and not _tags_match(residual, tags):
+                        continue
+                    where = (id(pool), entry)
+                    take = min(need, count - taken.get(where, 0))
+                    if take > 0:
+                        taken[where] = taken.get(where, 0) + take
+                        need -= take
+                    if need == 0:
+                        break
+                if need == 0:
+                    break
+            if need:
+                return False
         return True
 
     def plan(
@@ -195,7 +255,7 @@ class PciDeviceStats:
                     device = pool.devices[address]
                     if len(picked) == request.count:
                         break
-                    if device.address in excluded or (residual is not None and not _tags_match(residual, device)):
+                    if device.address in excluded or (residual is not None and not _tags_match(residual, device.tags)):
                         continue
                     if allowed is not None and not allowed(device):
                         continue
@@ -318,8 +378,8 @@ def _pool_serves(alternative: Mapping[str, str], pool: Pool, grouping: frozenset
     return True
 
 
-def _tags_match(alternatives: list[Mapping[str, str]], device: PciDevice) -> bool:
-    return any(all(values_match(device.tags.get(k), v) for k, v in alt.items()) for alt in alternatives)
+def _tags_match(alternatives: list[Mapping[str, str]], tags: Mapping[str, str]) -> bool:
+    return any(all(values_match(tags.get(k), v) for k, v in alt.items()) for alt in alternatives)
 
 
 def _bool_word(value: str | None) -> str | None:

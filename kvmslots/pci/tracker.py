@@ -21,11 +21,13 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
 from ..errors import InvalidDevicesJson, InvalidPciRequest, PciDeviceRequestFailed, UnknownPciDevice, ValidationError
-from ..store import Store, Transaction
+from ..storage.base import HostChanges, HostDeviceTransaction
+from ..store import Store
 from .address import DEV_TYPE_PF, DEV_TYPE_VF, canonical_address
 from .device import ASSIGNED, HYPERVISOR_FIELDS, PciDevice, PciStatus, device_from_hypervisor, has_32bit_domain
 from .devspec import Whitelist
@@ -37,19 +39,6 @@ __all__ = ["PciDevTracker", "SyncReport", "instance_uuid_of"]
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS pci_devices (
-        node TEXT NOT NULL, address TEXT NOT NULL, vendor_id TEXT NOT NULL, product_id TEXT NOT NULL,
-        dev_type TEXT NOT NULL, parent_addr TEXT, numa_node INTEGER, iommu_group INTEGER,
-        dev_id TEXT, label TEXT, devname TEXT, parent_devname TEXT, tags TEXT NOT NULL, status TEXT NOT NULL,
-        instance_uuid TEXT, request_id TEXT, stale TEXT, vanished INTEGER NOT NULL DEFAULT 0,
-        PRIMARY KEY (node, address))""",
-    """CREATE TABLE IF NOT EXISTS pci_requests (
-        node TEXT NOT NULL, instance_uuid TEXT NOT NULL, request_id TEXT NOT NULL, body TEXT NOT NULL,
-        PRIMARY KEY (node, instance_uuid, request_id))""",
-    """CREATE TABLE IF NOT EXISTS pci_meta (node TEXT PRIMARY KEY, generation INTEGER NOT NULL)""",
-)
-_COLUMNS = (*HYPERVISOR_FIELDS, "tags", "status", "instance_uuid", "request_id", "stale", "vanished")
 _OWNER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
@@ -163,9 +152,7 @@ class PciDevTracker:
         self._skip_warned: set[str] = set()  # addresses already warned about (32-bit domains)
         self._generation = -1
         with store.transaction() as txn:
-            for statement in _SCHEMA:
-                txn.execute(statement)
-            txn.execute("INSERT OR IGNORE INTO pci_meta (node, generation) VALUES (?, 0)", (node_id,))
+            txn.register_host(node_id, self.stats.numa_sockets)
             self._load(txn)
 
     # -- views ----------------------------------------------------------------
@@ -217,8 +204,8 @@ class PciDevTracker:
 
     def refresh(self) -> None:
         """Reload when another process changed this host's devices."""
-        with self.store.transaction() as txn:
-            if self._read_generation(txn) != self._generation:
+        with self.store.reading() as txn:
+            if txn.host_generation(self.node_id) != self._generation:
                 self._load(txn)
 
     # -- sync -------------------------------------------------------------------
@@ -233,7 +220,7 @@ class PciDevTracker:
         assigned device are parked and applied when it is freed.
         """
         reported = self._parse_devices_json(devices_json)
-        return self._mutate(lambda change: self._sync(reported, change))
+        return self._mutate(lambda change: self._sync(reported, change), synced=True)
 
     def _parse_devices_json(self, devices_json: str | Sequence[Mapping[str, Any]]) -> dict[str, _Parsed]:
         """Validate the list and match it against the device spec; only tracked devices are returned.
@@ -656,62 +643,49 @@ class PciDevTracker:
             if not self._requests[uuid]:
                 del self._requests[uuid]
 
-    def _mutate(self, work: Callable[[_Change], T]) -> T:
-        """Run *work* and persist what it changed in one transaction; on failure reload from disk."""
+    def _mutate(self, work: Callable[[_Change], T], *, synced: bool = False) -> T:
+        """Run *work* and persist what it changed in one transaction; on failure reload from the store.
+
+        The host's row is locked first (its generation read), so two processes
+        never change one host's devices at once; other hosts are not blocked.
+        """
         try:
             with self.store.transaction() as txn:
-                if self._read_generation(txn) != self._generation:
+                if txn.lock_host(self.node_id) != self._generation:
                     self._load(txn)
                 change = _Change(self._index_owner)
                 result = work(change)
                 self._flush(txn, change)
+                if synced:
+                    txn.mark_synced(self.node_id, time.time())
         except BaseException:
             self._reload()
             raise
         self.stats.update(change.touched.values())
         return result
 
-    def _flush(self, txn: Transaction, change: _Change) -> None:
-        if change.deleted:
-            txn.executemany(
-                "DELETE FROM pci_devices WHERE node = ? AND address = ?", [(self.node_id, a) for a in change.deleted]
-            )
-        if change.touched:
-            placeholders = ", ".join("?" for _ in range(len(_COLUMNS) + 1))
-            txn.executemany(
-                f"INSERT OR REPLACE INTO pci_devices (node, {', '.join(_COLUMNS)}) VALUES ({placeholders})",
-                [(self.node_id, *_to_row(d)) for d in change.touched.values()],
-            )
-        for uuid, request in change.requests_put:
-            txn.execute(
-                "INSERT OR REPLACE INTO pci_requests (node, instance_uuid, request_id, body) VALUES (?, ?, ?, ?)",
-                (self.node_id, uuid, request.request_id, request.to_json()),
-            )
-        if change.requests_deleted:
-            txn.executemany(
-                "DELETE FROM pci_requests WHERE node = ? AND instance_uuid = ? AND request_id = ?",
-                [(self.node_id, u, r) for u, r in change.requests_deleted],
-            )
-        if change.touched or change.deleted or change.requests_put or change.requests_deleted:
-            self._generation = self._read_generation(txn) + 1
-            txn.execute("UPDATE pci_meta SET generation = ? WHERE node = ?", (self._generation, self.node_id))
-
-    def _read_generation(self, txn: Transaction) -> int:
-        row = txn.execute("SELECT generation FROM pci_meta WHERE node = ?", (self.node_id,)).fetchone()
-        return int(row[0]) if row else 0
+    def _flush(self, txn: HostDeviceTransaction, change: _Change) -> None:
+        changed = bool(change.touched or change.deleted or change.requests_put or change.requests_deleted)
+        if changed:
+            self._generation += 1  # lock_host read the current one: no other writer since
+        txn.write_host_changes(
+            self.node_id,
+            HostChanges(
+                put=list(change.touched.values()),
+                deleted=change.deleted,
+                requests_put=change.requests_put,
+                requests_deleted=change.requests_deleted,
+                generation=self._generation if changed else None,
+            ),
+        )
 
     def _reload(self) -> None:
-        with self.store.transaction() as txn:
+        with self.store.reading() as txn:
             self._load(txn)
 
-    def _load(self, txn: Transaction) -> None:
-        rows = txn.execute(
-            f"SELECT {', '.join(_COLUMNS)} FROM pci_devices WHERE node = ? ORDER BY address", (self.node_id,)
-        ).fetchall()
-        self._devs = {}
-        for row in rows:
-            device = _from_row(row)
-            self._devs[device.address] = device
+    def _load(self, txn: HostDeviceTransaction) -> None:
+        devices, requests = txn.load_host(self.node_id)
+        self._devs = {device.address: device for device in devices}
         self._build_tree()
         self.stats.clear()
         self.stats.update(self._devs.values())
@@ -720,13 +694,10 @@ class PciDevTracker:
             self._index_owner(device)
         self._fingerprints = {}
         self._requests = {}
-        for uuid, body in txn.execute(
-            "SELECT instance_uuid, body FROM pci_requests WHERE node = ?", (self.node_id,)
-        ).fetchall():
-            request = InstancePciRequest.from_json(body)
+        for uuid, request in requests:
             if request.request_id is not None:
                 self._requests.setdefault(uuid, {})[request.request_id] = request
-        self._generation = self._read_generation(txn)
+        self._generation = txn.host_generation(self.node_id)
 
 
 def _apply(device: PciDevice, values: Mapping[str, Any]) -> None:
@@ -735,31 +706,6 @@ def _apply(device: PciDevice, values: Mapping[str, Any]) -> None:
             setattr(device, name, values[name])
     if "tags" in values:
         device.tags = dict(values["tags"])
-
-
-def _to_row(device: PciDevice) -> tuple[Any, ...]:
-    return (
-        *(getattr(device, name) for name in HYPERVISOR_FIELDS),
-        json.dumps(device.tags, sort_keys=True),
-        device.status.value,
-        device.instance_uuid,
-        device.request_id,
-        None if device.stale is None else json.dumps(device.stale, sort_keys=True),
-        int(device.vanished),
-    )
-
-
-def _from_row(row: Sequence[Any]) -> PciDevice:
-    values = dict(zip(_COLUMNS, row))
-    return PciDevice(
-        **{name: values[name] for name in HYPERVISOR_FIELDS},
-        tags=json.loads(values["tags"]),
-        status=PciStatus(values["status"]),
-        instance_uuid=values["instance_uuid"],
-        request_id=values["request_id"],
-        stale=None if values["stale"] is None else json.loads(values["stale"]),
-        vanished=bool(values["vanished"]),
-    )
 
 
 def _iterable(value: Any, what: str) -> Iterable[Any]:

@@ -1,0 +1,414 @@
+"""The SQL both backends speak: one implementation of the two stores over a DB-API connection.
+
+SQLite and PostgreSQL differ here only in three places, which subclasses
+fill in: the parameter marker (``?`` or ``%s``), how a write transaction
+keeps other writers of the same VM or host out (SQLite's ``BEGIN
+IMMEDIATE`` already excludes every other writer; PostgreSQL takes a
+transaction-scoped advisory lock on the VM and a row lock on the host), and
+how many rows go in one statement.  Everything else, including the checks
+that make a slot reservation safe, is written once.
+
+Ordering is done in Python, not with ``ORDER BY`` on text: the two engines
+collate text differently, and the order of devices and addresses must not
+depend on the backend.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable, Mapping, Sequence
+
+from ..devid import uuid8, validate_uuid, validate_vm_name
+from ..errors import (
+    DeviceExists,
+    InvalidTransition,
+    StateConflict,
+    UnknownDevice,
+    UnknownHost,
+    UnknownVM,
+    UnsupportedMachine,
+)
+from ..model import TRANSITIONS, Controller, Device, DeviceState, VMSpec, validate_function
+from ..pci.device import HYPERVISOR_FIELDS, PciDevice, PciStatus
+from ..pci.request import InstancePciRequest
+from .base import HostChanges, HostRecord, PoolCount
+
+__all__ = ["SqlTransaction", "DEVICE_COLUMNS", "PCI_COLUMNS"]
+
+DEVICE_COLUMNS = "uuid, dev_type, driver, props, bus, slot, state, function, multifunction"
+PCI_COLUMNS = (*HYPERVISOR_FIELDS, "tags", "status", "instance_uuid", "request_id", "stale", "vanished")
+_PCI_SELECT = ", ".join(PCI_COLUMNS)
+_PCI_UPSERT = (
+    f"INSERT INTO pci_devices (node, {_PCI_SELECT}) VALUES ({', '.join('?' for _ in range(len(PCI_COLUMNS) + 1))}) "
+    f"ON CONFLICT (node, address) DO UPDATE SET "
+    + ", ".join(f"{name} = excluded.{name}" for name in PCI_COLUMNS if name != "address")
+)
+#: A VF's pool depends on its PF; other devices' do not (as in PciDeviceStats._key).
+_POOL_PARENT = "CASE WHEN dev_type = 'type-VF' THEN parent_addr END"
+
+
+class SqlTransaction:
+    """Reads and writes inside one transaction of a backend (see :mod:`kvmslots.storage.base`).
+
+    Obtained from :meth:`kvmslots.store.Store.transaction` or ``.reading()``;
+    everything done through a write transaction is committed together when
+    the ``with`` block ends, or not at all.
+    """
+
+    def __init__(self, conn: Any, *, write: bool) -> None:
+        self._conn = conn
+        self._write = write
+
+    # -- what a backend fills in ----------------------------------------------------------
+    def _sql(self, sql: str) -> str:
+        """The statement in this backend's parameter style (written with ``?``)."""
+        return sql
+
+    def _guard_vm(self, vm: str) -> None:
+        """Keep other writers of *vm* out until this transaction ends (a write transaction only)."""
+
+    def _lock_host_row(self) -> str:
+        """The suffix that locks the row a ``SELECT`` reads, until the transaction ends."""
+        return ""
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        """Raw SQL in this transaction: for migrations and for tests that must damage a state on purpose."""
+        return self._conn.execute(self._sql(sql), params)
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        self._conn.executemany(self._sql(sql), rows)
+
+    def _vm(self, name: str) -> str:
+        name = validate_vm_name(name)
+        if self._write:
+            self._guard_vm(name)
+        return name
+
+    # -- VMs --------------------------------------------------------------------------
+    def find_vm(self, name: str) -> VMSpec | None:
+        row = self.execute(
+            "SELECT name, machine, mask, bus_masks, hotplug_ports, spare_bridge FROM vms WHERE name = ?",
+            (self._vm(name),),
+        ).fetchone()
+        if row is None:
+            return None
+        try:
+            return VMSpec(row[0], row[1], row[2], json.loads(row[3]), hotplug_ports=row[4], spare_bridge=bool(row[5]))
+        except UnsupportedMachine as exc:  # stored by kvmslots < 0.3, which took any machine name
+            raise StateConflict(
+                f"VM {name!r} is stored with machine type {row[1]!r}, on which kvmslots no longer places "
+                f"devices ({exc}); delete its state (kvmslots delete {name}) and plan it again"
+            ) from None
+
+    def has_vm(self, name: str) -> bool:
+        """Is a VM of that name stored (readable or not)?"""
+        return self.execute("SELECT 1 FROM vms WHERE name = ?", (self._vm(name),)).fetchone() is not None
+
+    def get_vm(self, name: str) -> VMSpec:
+        vm = self.find_vm(name)
+        if vm is None:
+            raise UnknownVM(f"No VM named {name!r} in the state store")
+        return vm
+
+    def put_vm(self, vm: VMSpec) -> None:
+        self.execute(
+            "INSERT INTO vms (name, machine, mask, bus_masks, hotplug_ports, spare_bridge) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET machine = excluded.machine, mask = excluded.mask, "
+            "bus_masks = excluded.bus_masks, hotplug_ports = excluded.hotplug_ports, "
+            "spare_bridge = excluded.spare_bridge",
+            (
+                self._vm(vm.name),
+                vm.machine,
+                vm.mask,
+                json.dumps(dict(vm.bus_masks), sort_keys=True),
+                vm.hotplug_ports,
+                int(vm.spare_bridge),
+            ),
+        )
+
+    def delete_vm(self, name: str) -> None:
+        name = self._vm(name)
+        self.execute("DELETE FROM devices WHERE vm = ?", (name,))
+        self.execute("DELETE FROM controllers WHERE vm = ?", (name,))
+        self.execute("DELETE FROM vms WHERE name = ?", (name,))
+
+    def vm_names(self) -> list[str]:
+        return sorted(row[0] for row in self.execute("SELECT name FROM vms").fetchall())
+
+    # -- devices ------------------------------------------------------------------------
+    def devices(self, vm: str) -> list[Device]:
+        rows = self.execute(f"SELECT {DEVICE_COLUMNS} FROM devices WHERE vm = ?", (self._vm(vm),)).fetchall()
+        return sorted(map(_row_to_device, rows), key=_device_order)
+
+    def find_device(self, vm: str, uuid: str) -> Device | None:
+        row = self.execute(
+            f"SELECT {DEVICE_COLUMNS} FROM devices WHERE vm = ? AND uuid = ?", (self._vm(vm), validate_uuid(uuid))
+        ).fetchone()
+        return None if row is None else _row_to_device(row)
+
+    def get_device(self, vm: str, uuid: str) -> Device:
+        device = self.find_device(vm, uuid)
+        if device is None:
+            raise UnknownDevice(f"VM {vm!r} has no device with UUID {uuid}")
+        return device
+
+    def add_device(self, vm: str, device: Device) -> None:
+        """Reserve a device's slot; its UUID (and uuid8 at that slot) and its slot must be new.
+
+        A slot is shared only by the functions of one multifunction group.
+        """
+        vm = self._vm(vm)
+        validate_function(device.function)
+        # Only the rows that can clash (same UUID, same slot, same uuid8 at that slot), by index,
+        # in the order devices() gives: the same checks as over every device, at O(1) per add.
+        rows = self.execute(
+            f"SELECT {DEVICE_COLUMNS} FROM devices WHERE vm = ? AND "
+            "(uuid = ? OR (bus = ? AND slot = ?) OR (uuid8 = ? AND slot = ?))",
+            (vm, device.uuid, device.bus, device.slot, uuid8(device.uuid), device.slot),
+        ).fetchall()
+        for other in sorted(map(_row_to_device, rows), key=_device_order):
+            if other.uuid == device.uuid:
+                raise DeviceExists(f"VM {vm!r} already has a device with UUID {device.uuid} ({other.qemu_id})")
+            if other.bus == device.bus and other.slot == device.slot and (
+                other.function == device.function or not (other.in_group and device.in_group)
+            ):
+                raise StateConflict(f"Slot {device.slot} on {device.bus} is already held by {other.qemu_id}")
+            if uuid8(other.uuid) == uuid8(device.uuid) and other.slot == device.slot:
+                raise DeviceExists(
+                    f"{device.uuid} and {other.uuid} share their first UUID group and slot {device.slot}: "
+                    f"their ids would collide ({other.qemu_id})"
+                )
+        held = self.execute(
+            "SELECT id FROM controllers WHERE vm = ? AND bus = ? AND slot = ? ORDER BY chassis LIMIT 1",
+            (vm, device.bus, device.slot),
+        ).fetchone()
+        if held is not None:
+            raise StateConflict(f"Slot {device.slot} on {device.bus} is held by {held[0]}")
+        self.execute(
+            "INSERT INTO devices (vm, uuid, uuid8, dev_type, driver, props, bus, slot, state, function, multifunction) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                vm,
+                device.uuid,
+                uuid8(device.uuid),
+                device.dev_type,
+                device.driver,
+                json.dumps(dict(device.props), sort_keys=True),
+                device.bus,
+                device.slot,
+                device.state.value,
+                device.function,
+                int(device.multifunction),
+            ),
+        )
+
+    def set_state(self, vm: str, uuid: str, state: DeviceState, *, unplug_requested: bool = False) -> None:
+        """Move a device to *state*, which the state machine must allow from the stored one.
+
+        *unplug_requested* records that QEMU has its ``device_del`` (only for
+        ``detaching``); any other change clears it.
+        """
+        vm = self._vm(vm)
+        state = DeviceState(state)
+        row = self.execute("SELECT state FROM devices WHERE vm = ? AND uuid = ?", (vm, uuid)).fetchone()
+        if row is None:
+            raise UnknownDevice(f"VM {vm!r} has no device with UUID {uuid}")
+        if state not in TRANSITIONS[DeviceState(row[0])]:
+            raise InvalidTransition(vm, uuid, row[0], state.value)
+        requested = bool(unplug_requested) and state is DeviceState.DETACHING
+        self.execute(
+            "UPDATE devices SET state = ?, unplug_requested = ? WHERE vm = ? AND uuid = ?",
+            (state.value, int(requested), vm, uuid),
+        )
+
+    def unplug_requested(self, vm: str) -> set[str]:
+        """UUIDs of the VM's detaching devices whose ``device_del`` QEMU is known to have."""
+        rows = self.execute(
+            "SELECT uuid FROM devices WHERE vm = ? AND state = 'detaching' AND unplug_requested = 1", (self._vm(vm),)
+        ).fetchall()
+        return {row[0] for row in rows}
+
+    def remove_device(self, vm: str, uuid: str, *, expect: Device | None = None) -> bool:
+        """Forget a device and so release its slot; True if a record went.
+
+        With *expect*, only the record with that bus, slot and state goes: a
+        caller acting on an older read never deletes a newer record.
+        """
+        vm = self._vm(vm)
+        if expect is None:
+            cur = self.execute("DELETE FROM devices WHERE vm = ? AND uuid = ?", (vm, uuid))
+        else:
+            cur = self.execute(
+                "DELETE FROM devices WHERE vm = ? AND uuid = ? AND bus = ? AND slot = ? AND state = ?",
+                (vm, uuid, expect.bus, expect.slot, expect.state.value),
+            )
+        return bool(cur.rowcount > 0)
+
+    # -- controllers (root ports and bridges kvmslots planned) ----------------------------
+    def controllers(self, vm: str) -> list[Controller]:
+        rows = self.execute(
+            "SELECT id, kind, bus, slot, function, chassis FROM controllers WHERE vm = ? ORDER BY chassis",
+            (self._vm(vm),),
+        ).fetchall()
+        return [Controller(*row) for row in rows]
+
+    def add_controller(self, vm: str, controller: Controller) -> None:
+        vm = self._vm(vm)
+        clash = self.execute(
+            "SELECT id FROM controllers WHERE vm = ? AND (id = ? OR chassis = ? OR (bus = ? AND slot = ? AND function = ?))",
+            (vm, controller.id, controller.chassis, controller.bus, controller.slot, controller.function),
+        ).fetchone()
+        if clash is not None:
+            raise StateConflict(f"VM {vm!r}: {controller.id} clashes with the stored controller {clash[0]}")
+        self.execute(
+            "INSERT INTO controllers (vm, id, kind, bus, slot, function, chassis) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (vm, controller.id, controller.kind.value, controller.bus, controller.slot, controller.function,
+             controller.chassis),
+        )
+
+    # -- host devices -------------------------------------------------------------------
+    def register_host(self, node: str, numa_sockets: Mapping[int, int]) -> None:
+        """Make sure the host has its row; record the NUMA sockets its tracker was configured with."""
+        sockets = json.dumps({str(k): v for k, v in sorted(numa_sockets.items())})
+        row = self.execute("SELECT numa_sockets FROM pci_hosts WHERE node = ?", (node,)).fetchone()
+        if row is None:
+            self.execute(
+                "INSERT INTO pci_hosts (node, generation, numa_sockets) VALUES (?, 0, ?) ON CONFLICT (node) DO NOTHING",
+                (node, sockets),
+            )
+        elif row[0] != sockets:
+            self.execute("UPDATE pci_hosts SET numa_sockets = ? WHERE node = ?", (sockets, node))
+
+    def lock_host(self, node: str) -> int:
+        row = self.execute(
+            "SELECT generation FROM pci_hosts WHERE node = ?" + self._lock_host_row(), (node,)
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def host_generation(self, node: str) -> int:
+        row = self.execute("SELECT generation FROM pci_hosts WHERE node = ?", (node,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def load_host(self, node: str) -> tuple[list[PciDevice], list[tuple[str, InstancePciRequest]]]:
+        rows = self.execute(f"SELECT {_PCI_SELECT} FROM pci_devices WHERE node = ?", (node,)).fetchall()
+        devices = sorted(map(_row_to_pci, rows), key=lambda d: d.address)
+        requests = [
+            (uuid, InstancePciRequest.from_json(body))
+            for uuid, body in self.execute(
+                "SELECT instance_uuid, body FROM pci_requests WHERE node = ?", (node,)
+            ).fetchall()
+        ]
+        return devices, requests
+
+    def write_host_changes(self, node: str, changes: HostChanges) -> None:
+        if changes.deleted:
+            self.executemany(
+                "DELETE FROM pci_devices WHERE node = ? AND address = ?", [(node, a) for a in changes.deleted]
+            )
+        if changes.put:
+            self.executemany(_PCI_UPSERT, [(node, *_pci_to_row(d)) for d in changes.put])
+        if changes.requests_put:
+            self.executemany(
+                "INSERT INTO pci_requests (node, instance_uuid, request_id, body) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (node, instance_uuid, request_id) DO UPDATE SET body = excluded.body",
+                [(node, uuid, request.request_id, request.to_json()) for uuid, request in changes.requests_put],
+            )
+        if changes.requests_deleted:
+            self.executemany(
+                "DELETE FROM pci_requests WHERE node = ? AND instance_uuid = ? AND request_id = ?",
+                [(node, u, r) for u, r in changes.requests_deleted],
+            )
+        if changes.generation is not None:
+            self.execute("UPDATE pci_hosts SET generation = ? WHERE node = ?", (changes.generation, node))
+
+    def mark_synced(self, node: str, when: float) -> None:
+        self.execute("UPDATE pci_hosts SET synced_at = ? WHERE node = ?", (when, node))
+
+    def device_spec(self, node: str) -> Any | None:
+        row = self.execute("SELECT device_spec FROM pci_hosts WHERE node = ?", (node,)).fetchone()
+        return None if row is None or row[0] is None else json.loads(row[0])
+
+    def set_device_spec(self, node: str, spec: Any) -> None:
+        self.execute("UPDATE pci_hosts SET device_spec = ? WHERE node = ?", (json.dumps(spec), node))
+
+    def hosts(self) -> list[HostRecord]:
+        counts = {
+            node: (int(total), int(free or 0))
+            for node, total, free in self.execute(
+                "SELECT node, COUNT(*), SUM(CASE WHEN status = 'available' THEN 1 ELSE 0 END) "
+                "FROM pci_devices GROUP BY node"
+            ).fetchall()
+        }
+        records = [
+            HostRecord(
+                node, int(generation), *counts.get(node, (0, 0)), synced_at,
+                {int(k): int(v) for k, v in json.loads(sockets).items()},
+            )
+            for node, generation, synced_at, sockets in self.execute(
+                "SELECT node, generation, synced_at, numa_sockets FROM pci_hosts"
+            ).fetchall()
+        ]
+        return sorted(records, key=lambda h: h.name)
+
+    def free_pools(self, hosts: Iterable[str] | None = None) -> list[PoolCount]:
+        """Every host's available devices counted by pool key and full tag set, aggregated by the database."""
+        where, params = "status = 'available'", []
+        if hosts is not None:
+            names = list(hosts)
+            if not names:
+                return []
+            where += f" AND node IN ({', '.join('?' for _ in names)})"
+            params = names
+        rows = self.execute(
+            f"SELECT node, vendor_id, product_id, numa_node, dev_type, {_POOL_PARENT}, tags, COUNT(*) "
+            f"FROM pci_devices WHERE {where} "
+            f"GROUP BY node, vendor_id, product_id, numa_node, dev_type, {_POOL_PARENT}, tags",
+            params,
+        ).fetchall()
+        return [
+            PoolCount(node, vendor, product, numa, dev_type, parent, json.loads(tags), int(count))
+            for node, vendor, product, numa, dev_type, parent, tags, count in rows
+        ]
+
+    def forget_host(self, node: str) -> int:
+        """Remove a host's devices, requests and row; the number of devices that went."""
+        if self.execute("SELECT 1 FROM pci_hosts WHERE node = ?" + self._lock_host_row(), (node,)).fetchone() is None:
+            raise UnknownHost(node)
+        gone = self.execute("DELETE FROM pci_devices WHERE node = ?", (node,)).rowcount
+        self.execute("DELETE FROM pci_requests WHERE node = ?", (node,))
+        self.execute("DELETE FROM pci_hosts WHERE node = ?", (node,))
+        return int(gone)
+
+
+def _device_order(device: Device) -> tuple[str, int, int]:
+    return device.bus, device.slot, device.function
+
+
+def _row_to_device(row: Sequence[Any]) -> Device:
+    uuid, dev_type, driver, props, bus, slot, state, function, multifunction = row
+    return Device(uuid, dev_type, driver, json.loads(props), bus, slot, DeviceState(state), function, bool(multifunction))
+
+
+def _pci_to_row(device: PciDevice) -> tuple[Any, ...]:
+    return (
+        *(getattr(device, name) for name in HYPERVISOR_FIELDS),
+        json.dumps(device.tags, sort_keys=True),
+        device.status.value,
+        device.instance_uuid,
+        device.request_id,
+        None if device.stale is None else json.dumps(device.stale, sort_keys=True),
+        int(device.vanished),
+    )
+
+
+def _row_to_pci(row: Sequence[Any]) -> PciDevice:
+    values = dict(zip(PCI_COLUMNS, row))
+    return PciDevice(
+        **{name: values[name] for name in HYPERVISOR_FIELDS},
+        tags=json.loads(values["tags"]),
+        status=PciStatus(values["status"]),
+        instance_uuid=values["instance_uuid"],
+        request_id=values["request_id"],
+        stale=None if values["stale"] is None else json.loads(values["stale"]),
+        vanished=bool(values["vanished"]),
+    )
