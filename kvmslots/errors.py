@@ -42,6 +42,7 @@ __all__ = [
     "VMBusy",
     "StateCorrupt",
     "StoreUnavailable",
+    "InvalidStateLocation",
     "UnknownHost",
     "MonitorError",
     "MonitorUnavailable",
@@ -268,6 +269,21 @@ class StoreUnavailable(StateError):
     def __init__(self, message: str, location: str) -> None:
         self.location = location
         super().__init__(message)
+
+
+class InvalidStateLocation(StateError, ValidationError):
+    """A state location that looks like a URL but is not a ``postgresql://`` one.
+
+    Refused rather than taken for a directory name: a mistyped URL must not
+    quietly become a new, empty SQLite state.
+    """
+
+    def __init__(self, location: str) -> None:
+        self.location = location
+        super().__init__(
+            f"State location {location!r} looks like a URL but is not postgresql://...; give a directory for a "
+            "SQLite state, or postgresql://[user@]host/db (or postgresql:///db?host=/socket/dir)"
+        )
 
 
 class UnknownHost(StateError, LookupError):

@@ -18,15 +18,16 @@ target boots with identical slots and ids).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, AsyncContextManager, ContextManager, Mapping
 
 from ._shown import shown
 from .devid import is_passthrough_driver, uuid8
 from .errors import (
+    InvalidStateLocation,
     SlotError,
     StateConflict,
     StateImportError,
@@ -45,6 +46,8 @@ EXPORT_FORMAT = "kvmslots.vm-state"
 EXPORT_VERSION = 2
 #: Export versions this kvmslots reads (1: no functions, no controllers).
 EXPORT_VERSIONS = (1, 2)
+#: Something that looks like a URL (a scheme, a colon): never taken for a directory name.
+_URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:(//|/|$)|postgres(ql)?:", re.IGNORECASE)
 #: The environment variable the CLI reads a PostgreSQL URL from.
 DATABASE_URL_ENV = "KVMSLOTS_DATABASE_URL"
 
@@ -64,6 +67,8 @@ class Store:
         #: The SQLite state directory and file (None on PostgreSQL).
         self.state_dir: Path | None = None
         self.path: Path | None = None
+        if isinstance(location, str) and not is_postgres_url(location) and _URL_RE.match(location):
+            raise InvalidStateLocation(location)
         if is_postgres_url(location):
             from .storage.postgres import PostgresBackend
 

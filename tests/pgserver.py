@@ -54,11 +54,13 @@ def stop_cluster(directory: str) -> None:
 
 
 def with_schema(url: str, schema: str) -> str:
-    """*url* with ``search_path`` set to *schema* (kept in the URL, so subprocesses get it too)."""
-    parts = urllib.parse.urlsplit(url)
-    query = urllib.parse.parse_qsl(parts.query)
-    query = [(k, v) for k, v in query if k != "options"] + [("options", f"-csearch_path={schema}")]
-    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
+    """*url* with ``search_path`` set to *schema* (kept in the URL, so subprocesses get it too).
+
+    Appended as text: ``urllib.parse.urlunsplit`` would turn ``postgresql:///db`` into
+    ``postgresql:/db``, which is no longer a URL at all.
+    """
+    option = urllib.parse.quote(f"-csearch_path={schema}", safe="")
+    return f"{url}{'&' if '?' in url else '?'}options={option}"
 
 
 @pytest.fixture(scope="session")

@@ -138,10 +138,12 @@ class PostgresBackend:
         import psycopg  # already imported by __init__: a dictionary lookup
 
         try:
-            conn: psycopg.Connection[Any] = psycopg.connect(
-                self.url, autocommit=True, connect_timeout=10, application_name="kvmslots",
-                options=f"-c lock_timeout={int(self.timeout * 1000)}",
-            )
+            params: dict[str, Any] = {"autocommit": True, "connect_timeout": 10}
+            if "application_name" not in psycopg.conninfo.conninfo_to_dict(self.url):
+                params["application_name"] = "kvmslots"  # the URL's own name wins (psycopg's keywords would)
+            conn: psycopg.Connection[Any] = psycopg.connect(self.url, **params)
+            # set here, not as a connection 'options': that would replace the URL's own options
+            conn.execute(f"SET lock_timeout = {int(self.timeout * 1000)}")
         except psycopg.Error as exc:
             raise StoreUnavailable(
                 f"Cannot reach the state database {self.location}: {' '.join(str(exc).split())}", self.location
@@ -168,8 +170,12 @@ class PostgresBackend:
 
     # -- schema ---------------------------------------------------------------------------
     def _schema_version(self, conn: "psycopg.Connection[Any]") -> int | None:
-        row = conn.execute("SELECT to_regclass('kvmslots_schema') IS NOT NULL").fetchone()
-        if not row or not row[0]:
+        # pg_tables is read with this statement's snapshot (to_regclass would go through the
+        # catalog cache, which an advisory lock does not refresh: it can miss a table just created)
+        row = conn.execute(
+            "SELECT 1 FROM pg_catalog.pg_tables WHERE schemaname = current_schema() AND tablename = 'kvmslots_schema'"
+        ).fetchone()
+        if row is None:
             return None
         found = conn.execute("SELECT version FROM kvmslots_schema").fetchone()
         return int(found[0]) if found else None
@@ -207,9 +213,13 @@ class PostgresBackend:
             raise StateError(f"Cannot prepare the state database {self.location}: {exc}") from exc
 
     def _unavailable(self, exc: Exception) -> StoreUnavailable:
+        locks = (
+            f"; the lock of VM(s) {', '.join(sorted(self._held))} went with the connection"
+            if self._held else ""
+        )
         return StoreUnavailable(
             f"Lost the state database {self.location} ({' '.join(str(exc).split())}); the server rolled back "
-            "the unfinished transaction", self.location,
+            f"the unfinished transaction{locks}", self.location,
         )
 
     # -- transactions ---------------------------------------------------------------------
