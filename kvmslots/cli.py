@@ -550,7 +550,7 @@ def cmd_cluster_hosts(args: argparse.Namespace, store: Store, out: Output) -> in
         if not data:
             return f"no host can meet {args.request}"
         return "\n".join(
-            f"{d['host']}" + ("" if d["numa_cells"] is None else f"  NUMA {','.join(map(str, d['numa_cells']))}")
+            f"{d['host']}" + ("" if d["numa_cells"] is None else f"  NUMA {','.join(map(str, d['numa_cells'])) or '-'}")
             for d in data
         )
 

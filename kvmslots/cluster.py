@@ -28,6 +28,9 @@ from .store import Store
 
 __all__ = ["HostPools", "HostFit", "cluster_pools", "hosts_for", "fitting_hosts", "forget_host", "numa_nodes_of"]
 
+#: A NUMA node no device is on (device NUMA nodes are never negative).
+_NO_FREE_DEVICE = -1
+
 
 @dataclass
 class HostPools:
@@ -48,7 +51,11 @@ class HostPools:
 
 @dataclass(frozen=True)
 class HostFit:
-    """A host that can take the requests, and on which of its NUMA nodes (None: no NUMA constraint)."""
+    """A host that can take the requests, and on which of its NUMA nodes (None: no NUMA constraint).
+
+    The nodes are those the inventory knows (the host's free devices' and its socket map's): fewer
+    than the VM's cells, or none, means the other cells go to nodes with no free device.
+    """
 
     host: str
     numa_cells: tuple[int, ...] | None
@@ -112,8 +119,14 @@ def fitting_hosts(
             if stats.fits(requests):
                 fits.append(HostFit(pools.host.name, None, stats.free_count()))
             continue
-        for cells in itertools.combinations(numa_nodes_of(pools), numa_cells):
-            if stats.fits(requests, cells):
+        # The inventory knows a host's NUMA nodes from its free devices and its socket map only; a
+        # node with no free device changes no answer, so fewer known nodes than cells means the
+        # VM's other cells go to such nodes: all the known nodes are used (and when none is known,
+        # a node no device is on stands in for the cells).  Without this, a host whose devices on
+        # one node are all taken was refused although it could serve.
+        nodes = numa_nodes_of(pools)
+        for cells in itertools.combinations(nodes, min(numa_cells, len(nodes))):
+            if stats.fits(requests, cells or (_NO_FREE_DEVICE,)):
                 fits.append(HostFit(pools.host.name, tuple(cells), stats.free_count()))
                 break
     return fits

@@ -34,12 +34,13 @@ class SlotManager:
 
     def __init__(
         self,
-        state_dir: str | os.PathLike[str],
+        state: str | os.PathLike[str],
         *,
         connect_timeout: float = 30.0,
         command_timeout: float | None = None,
     ) -> None:
-        self.store = Store(state_dir)
+        """*state* is a state directory (SQLite) or a ``postgresql://`` URL, as for :class:`Store`."""
+        self.store = Store(state)
         self.connect_timeout = connect_timeout
         #: longest wait for one QMP answer (None: ``$KVMSLOTS_QMP_TIMEOUT`` or 15 s)
         self.command_timeout = command_timeout

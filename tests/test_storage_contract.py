@@ -217,7 +217,7 @@ def test_postgres_host_writers_of_different_hosts_do_not_wait(pg_url):
         tb = PciDevTracker(b, INTEL, node_id="host-b")
         tb2 = PciDevTracker(Store(pg_url, timeout=1), INTEL, node_id="host-b")
         with a.transaction() as txn:
-            txn.lock_host("host-a")  # as a long tracker operation on host-a would
+            txn.lock_host("host-a", {})  # as a long tracker operation on host-a would
             tb.update_devices_from_hypervisor_resources(host())  # host-b goes on
             with pytest.raises(VMBusy):
                 PciDevTracker(Store(pg_url, timeout=1), INTEL, node_id="host-a").update_devices_from_hypervisor_resources(host())

@@ -3,14 +3,18 @@
 Same method names as Nova, different durability: Nova keeps an in-memory
 "master copy" and flushes it on ``save()``, so a crash between a claim and the
 next save loses the claim.  Here every public operation runs inside one
-SQLite write transaction: it checks, changes the devices, writes exactly the
-rows it changed and commits before it returns.  If anything fails, the
+write transaction of the store (SQLite or PostgreSQL, through
+:class:`~kvmslots.storage.base.HostDeviceTransaction`): it checks, changes the
+devices, writes exactly the rows it changed and commits before it returns.  If anything fails, the
 transaction rolls back and the in-memory view is reloaded from the database,
 so memory and disk never disagree.  ``save()`` remains, as a no-op, for
 callers written against Nova.
 
-Several processes may share one database: each operation first compares a
-generation counter and reloads when another process changed the devices.
+Several processes may share one database: each operation first locks its
+host's row, compares the host's generation counter and reloads when another
+process changed the devices.  Many hosts may share one database too: each
+tracker's rows carry its ``node_id``, and it reads, locks and writes only
+those, so hosts never wait for each other.
 
 Indexes by address and by PF keep every step linear or better (a sync of
 4096 VFs touches each device once; Nova searches a list per device).
@@ -151,8 +155,7 @@ class PciDevTracker:
         self._parse_cache: dict[tuple[Any, ...], _Parsed] = {}
         self._skip_warned: set[str] = set()  # addresses already warned about (32-bit domains)
         self._generation = -1
-        with store.transaction() as txn:
-            txn.register_host(node_id, self.stats.numa_sockets)
+        with store.reading() as txn:  # looking registers nothing: a host's row comes with its first write
             self._load(txn)
 
     # -- views ----------------------------------------------------------------
@@ -651,7 +654,7 @@ class PciDevTracker:
         """
         try:
             with self.store.transaction() as txn:
-                if txn.lock_host(self.node_id) != self._generation:
+                if txn.lock_host(self.node_id, self.stats.numa_sockets) != self._generation:
                     self._load(txn)
                 change = _Change(self._index_owner)
                 result = work(change)

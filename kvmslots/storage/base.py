@@ -112,8 +112,7 @@ class PoolCount:
 class HostDeviceTransaction(Protocol):
     """The host PCI inventory, inside one transaction; every method names the host it is about."""
 
-    def register_host(self, node: str, numa_sockets: Mapping[int, int]) -> None: ...
-    def lock_host(self, node: str) -> int:
+    def lock_host(self, node: str, numa_sockets: Mapping[int, int]) -> int:
         """The host's generation, and no other writer of this host until the transaction ends."""
         ...
     def host_generation(self, node: str) -> int: ...

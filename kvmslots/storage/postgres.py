@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import re
 import urllib.parse
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable, Iterator, Sequence
@@ -65,13 +66,17 @@ def is_postgres_url(location: object) -> bool:
 
 
 def redact(url: str) -> str:
-    """The URL as messages may show it: any password replaced by ``***``."""
+    """The URL as messages may show it: a password, in the user part or in the query, replaced by ``***``."""
+    url = _QUERY_PASSWORD.sub(r"\1***", url)
     parts = urllib.parse.urlsplit(url)
     if parts.password is None:
         return url
     netloc = parts.netloc.rsplit("@", 1)[1]
     user = parts.username or ""
     return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
 
 
 def _key(kind: str, name: str) -> int:

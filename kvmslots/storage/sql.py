@@ -267,23 +267,21 @@ class SqlTransaction:
         )
 
     # -- host devices -------------------------------------------------------------------
-    def register_host(self, node: str, numa_sockets: Mapping[int, int]) -> None:
-        """Make sure the host has its row; record the NUMA sockets its tracker was configured with."""
+    def lock_host(self, node: str, numa_sockets: Mapping[int, int]) -> int:
+        """The host's generation, with its row locked until the transaction ends (created on the
+        host's first write; *numa_sockets*, the tracker's configuration, is kept up to date)."""
         sockets = json.dumps({str(k): v for k, v in sorted(numa_sockets.items())})
-        row = self.execute("SELECT numa_sockets FROM pci_hosts WHERE node = ?", (node,)).fetchone()
+        select = "SELECT generation, numa_sockets FROM pci_hosts WHERE node = ?" + self._lock_host_row()
+        row = self.execute(select, (node,)).fetchone()
         if row is None:
             self.execute(
                 "INSERT INTO pci_hosts (node, generation, numa_sockets) VALUES (?, 0, ?) ON CONFLICT (node) DO NOTHING",
                 (node, sockets),
             )
-        elif row[0] != sockets:
+            row = self.execute(select, (node,)).fetchone()
+        if row[1] != sockets:
             self.execute("UPDATE pci_hosts SET numa_sockets = ? WHERE node = ?", (sockets, node))
-
-    def lock_host(self, node: str) -> int:
-        row = self.execute(
-            "SELECT generation FROM pci_hosts WHERE node = ?" + self._lock_host_row(), (node,)
-        ).fetchone()
-        return int(row[0]) if row else 0
+        return int(row[0])
 
     def host_generation(self, node: str) -> int:
         row = self.execute("SELECT generation FROM pci_hosts WHERE node = ?", (node,)).fetchone()
