@@ -1,14 +1,14 @@
-"""``python -m bench [hotplug] [tracker] [state]``: run the benchmarks (all by default)."""
+"""``python -m bench [hotplug] [tracker] [state] [storage]``: run the benchmarks (all by default)."""
 
 from __future__ import annotations
 
 import sys
 import time
 
-from . import hotplug, state, tracker
+from . import hotplug, state, storage, tracker
 from .common import note
 
-SECTIONS = {"hotplug": hotplug.run, "tracker": tracker.run, "state": state.run}
+SECTIONS = {"hotplug": hotplug.run, "tracker": tracker.run, "state": state.run, "storage": storage.run}
 
 
 def main(argv: list[str]) -> int:

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from .pci.request import InstancePciRequest
-from .pci.stats import PciDeviceStats
+from .pci.stats import PciDeviceStats, exact_ids
 from .storage.base import HostRecord
 from .store import Store
 
-__all__ = ["HostPools", "HostFit", "cluster_pools", "hosts_for", "fitting_hosts", "forget_host", "numa_nodes_of"]
+__all__ = ["HostPools", "HostFit", "cluster_pools", "hosts_for", "fitting_hosts", "request_ids", "forget_host", "numa_nodes_of"]
 
 #: A NUMA node no device is on (device NUMA nodes are never negative).
 _NO_FREE_DEVICE = -1
@@ -51,7 +51,8 @@ class HostPools:
 
 @dataclass(frozen=True)
 class HostFit:
-    """A host that can take the requests, and on which of its NUMA nodes (None: no NUMA constraint).
+    """A host that can take the requests, on which of its NUMA nodes (None: no NUMA constraint), and how
+    many free devices it has that such requests could use.
 
     The nodes are those the inventory knows (the host's free devices' and its socket map's): fewer
     than the VM's cells, or none, means the other cells go to nodes with no free device.
@@ -66,16 +67,26 @@ class HostFit:
                 "free": self.free}
 
 
-def cluster_pools(store: Store, hosts: Sequence[str] | None = None) -> list[HostPools]:
-    """Every host's pools of free devices (one read transaction: one consistent picture)."""
+def cluster_pools(
+    store: Store,
+    hosts: Sequence[str] | None = None,
+    *,
+    ids: Iterable[tuple[str, str]] | None = None,
+    counts: bool = True,
+) -> list[HostPools]:
+    """Every host's pools of free devices (one read transaction: one consistent picture).
+
+    *ids* keeps only devices with those (vendor, product) ids (what a request can use);
+    *counts* also counts each host's devices (a scan a scheduler does not need).
+    """
     with store.reading() as txn:
-        records = txn.hosts()
+        records = txn.hosts(counts=counts)
         if hosts is not None:
             wanted = set(hosts)
             records = [r for r in records if r.name in wanted]
-        counts = txn.free_pools([r.name for r in records] if hosts is not None else None)
+        pools = txn.free_pools([r.name for r in records] if hosts is not None else None, ids)
     by_host = {record.name: HostPools(record, PciDeviceStats(None, record.numa_sockets)) for record in records}
-    for pool in counts:
+    for pool in pools:
         found = by_host.get(pool.host)
         if found is not None:  # a host row may come and go between the two reads of another backend
             found.stats.add_counted(
@@ -105,7 +116,20 @@ def hosts_for(
     request under its NUMA policy, which is how Nova's NUMA topology filter
     asks the host's pools, cell by cell.
     """
-    return fitting_hosts(cluster_pools(store, hosts), requests, numa_cells=numa_cells)
+    return fitting_hosts(cluster_pools(store, hosts, ids=request_ids(requests), counts=False), requests,
+                         numa_cells=numa_cells)
+
+
+def request_ids(requests: Sequence[InstancePciRequest]) -> set[tuple[str, str]] | None:
+    """The (vendor, product) ids the requests can use, when each of them names them exactly (a filter the
+    database applies before counting); None when some request could use any device."""
+    found: set[tuple[str, str]] = set()
+    for request in requests:
+        ids = exact_ids(request.spec)
+        if ids is None:
+            return None
+        found |= ids
+    return found
 
 
 def fitting_hosts(

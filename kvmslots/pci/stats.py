@@ -26,7 +26,7 @@ from .device import PciDevice, PciStatus
 from .devspec import bool_word
 from .request import values_match
 
-__all__ = ["Pool", "PciDeviceStats", "NUMA_POLICIES", "PoolKey", "REMOTE_MANAGED"]
+__all__ = ["Pool", "PciDeviceStats", "NUMA_POLICIES", "PoolKey", "REMOTE_MANAGED", "exact_ids"]
 
 NUMA_POLICIES = ("required", "legacy", "preferred", "socket")
 _DEVICE_KEYS = ("vendor_id", "product_id", "dev_type")
@@ -37,7 +37,7 @@ _NOT_REMOTE_MANAGED = ((REMOTE_MANAGED, "false"),)
 PoolKey = tuple[str, str, int | None, str, str | None, tuple[tuple[str, str], ...]]
 
 
-@dataclass
+@dataclass(slots=True)
 class Pool:
     """Free devices that are interchangeable for a request."""
 
@@ -329,13 +329,25 @@ class PciDeviceStats:
     def _pools_for(self, alternatives: Sequence[Mapping[str, str]]) -> list[Pool]:
         """Pools that could match: by (vendor, product) when every alternative names both
         exactly (lowercase hex, as ids are stored), else every pool."""
-        ids = [(alt.get("vendor_id"), alt.get("product_id")) for alt in alternatives]
+        ids = exact_ids(alternatives)
+        if ids is None:
+            return self.pools
         keys: set[PoolKey] = set()
-        for vendor, product in ids:
-            if not (vendor and product and vendor == vendor.lower() and product == product.lower()):
-                return self.pools
-            keys |= self._by_ids.get((vendor, product), set())
+        for pair in ids:
+            keys |= self._by_ids.get(pair, set())
         return [self._pools[key] for key in sorted(keys, key=_sortable)]
+
+
+def exact_ids(alternatives: Iterable[Mapping[str, str]]) -> set[tuple[str, str]] | None:
+    """The (vendor, product) pairs that alone can match, when every alternative names both exactly
+    (lowercase hex, as ids are stored); None when some alternative could match other ids."""
+    ids: set[tuple[str, str]] = set()
+    for alt in alternatives:
+        vendor, product = alt.get("vendor_id"), alt.get("product_id")
+        if not (vendor and product and vendor == vendor.lower() and product == product.lower()):
+            return None
+        ids.add((vendor, product))
+    return ids
 
 
 def _tiered(

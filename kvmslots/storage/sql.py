@@ -58,6 +58,9 @@ class SqlTransaction:
     def __init__(self, conn: Any, *, write: bool) -> None:
         self._conn = conn
         self._write = write
+        self._vms: set[str] = set()  # names already validated (and guarded) in this transaction
+        #: Did this transaction change a host's devices (not only its last-sync time)?
+        self.wrote_host = False
 
     # -- what a backend fills in ----------------------------------------------------------
     def _sql(self, sql: str) -> str:
@@ -79,9 +82,12 @@ class SqlTransaction:
         self._conn.executemany(self._sql(sql), rows)
 
     def _vm(self, name: str) -> str:
+        if name in self._vms:
+            return name
         name = validate_vm_name(name)
         if self._write:
             self._guard_vm(name)
+        self._vms.add(name)
         return name
 
     # -- VMs --------------------------------------------------------------------------
@@ -299,6 +305,9 @@ class SqlTransaction:
         return devices, requests
 
     def write_host_changes(self, node: str, changes: HostChanges) -> None:
+        self.wrote_host = self.wrote_host or bool(
+            changes.put or changes.deleted or changes.requests_put or changes.requests_deleted
+        )
         if changes.deleted:
             self.executemany(
                 "DELETE FROM pci_devices WHERE node = ? AND address = ?", [(node, a) for a in changes.deleted]
@@ -329,42 +338,51 @@ class SqlTransaction:
     def set_device_spec(self, node: str, spec: Any) -> None:
         self.execute("UPDATE pci_hosts SET device_spec = ? WHERE node = ?", (json.dumps(spec), node))
 
-    def hosts(self) -> list[HostRecord]:
-        counts = {
+    def hosts(self, *, counts: bool = True) -> list[HostRecord]:
+        """Every host of the inventory; *counts* adds its device and free counts (a scan of its rows)."""
+        counted = {
             node: (int(total), int(free or 0))
             for node, total, free in self.execute(
                 "SELECT node, COUNT(*), SUM(CASE WHEN status = 'available' THEN 1 ELSE 0 END) "
                 "FROM pci_devices GROUP BY node"
             ).fetchall()
-        }
-        records = [
-            HostRecord(
-                node, int(generation), *counts.get(node, (0, 0)), synced_at,
-                {int(k): int(v) for k, v in json.loads(sockets).items()},
-            )
-            for node, generation, synced_at, sockets in self.execute(
-                "SELECT node, generation, synced_at, numa_sockets FROM pci_hosts"
-            ).fetchall()
-        ]
+        } if counts else {}
+        records = []
+        for node, generation, synced_at, sockets in self.execute(
+            "SELECT node, generation, synced_at, numa_sockets FROM pci_hosts"
+        ).fetchall():
+            devices, free = counted.get(node, (0, 0)) if counts else (None, None)
+            sockets_map = {int(k): int(v) for k, v in json.loads(sockets).items()}
+            records.append(HostRecord(node, int(generation), devices, free, synced_at, sockets_map))
         return sorted(records, key=lambda h: h.name)
 
-    def free_pools(self, hosts: Iterable[str] | None = None) -> list[PoolCount]:
-        """Every host's available devices counted by pool key and full tag set, aggregated by the database."""
-        where, params = "status = 'available'", []
-        if hosts is not None:
-            names = list(hosts)
-            if not names:
+    def free_pools(
+        self, hosts: Iterable[str] | None = None, ids: Iterable[tuple[str, str]] | None = None
+    ) -> list[PoolCount]:
+        """Available devices counted by host, pool key and full tag set, aggregated by the database;
+        only of *hosts*, and only with these (vendor, product) *ids*, when given."""
+        where: list[str] = ["status = 'available'"]
+        params: list[str] = []
+        for column, texts in (
+            ("node", None if hosts is None else list(hosts)),
+            ("vendor_id || ':' || product_id", None if ids is None else [f"{v}:{p}" for v, p in ids]),
+        ):
+            if texts is None:
+                continue
+            if not texts:
                 return []
-            where += f" AND node IN ({', '.join('?' for _ in names)})"
-            params = names
+            where.append(f"{column} IN ({', '.join('?' for _ in texts)})")
+            params += texts
         rows = self.execute(
             f"SELECT node, vendor_id, product_id, numa_node, dev_type, {_POOL_PARENT}, tags, COUNT(*) "
-            f"FROM pci_devices WHERE {where} "
+            f"FROM pci_devices WHERE {' AND '.join(where)} "
             f"GROUP BY node, vendor_id, product_id, numa_node, dev_type, {_POOL_PARENT}, tags",
             params,
         ).fetchall()
+        parsed: dict[str, dict[str, str]] = {}  # a few distinct tag sets across thousands of rows
         return [
-            PoolCount(node, vendor, product, numa, dev_type, parent, json.loads(tags), int(count))
+            PoolCount(node, vendor, product, numa, dev_type, parent,
+                      parsed[tags] if tags in parsed else parsed.setdefault(tags, json.loads(tags)), int(count))
             for node, vendor, product, numa, dev_type, parent, tags, count in rows
         ]
 
