@@ -470,16 +470,18 @@ def cmd_host_pools(args: argparse.Namespace, store: Store, out: Output) -> int:
         for p in _tracker(args, store).pci_stats.pools
     ]
 
-    def text() -> str:
-        lines = [f"{'VENDOR':<6} {'PRODUCT':<7} {'NUMA':>4}  {'TYPE':<8} {'COUNT':>5}  TAGS"]
-        for r in rows:
-            numa = "-" if r["numa_node"] is None else str(r["numa_node"])
-            tags = ",".join(f"{k}={v}" for k, v in sorted(r["tags"].items())) or "-"
-            lines.append(f"{r['vendor_id']:<6} {r['product_id']:<7} {numa:>4}  {r['dev_type']:<8} {r['count']:>5}  {tags}")
-        return "\n".join(lines)
-
-    out.emit(rows, text)
+    out.emit(rows, lambda: "\n".join([_POOL_HEADER.format("COUNT"), *map(_pool_line, rows)]))
     return 0
+
+
+_POOL_HEADER = f"{'VENDOR':<6} {'PRODUCT':<7} {'NUMA':>4}  {'TYPE':<8} {{:>5}}  TAGS"
+
+
+def _pool_line(row: dict[str, Any]) -> str:
+    """One pool as ``host pools`` and ``cluster pools`` print it."""
+    numa = "-" if row["numa_node"] is None else str(row["numa_node"])
+    tags = ",".join(f"{k}={v}" for k, v in sorted(row["tags"].items())) or "-"
+    return f"{row['vendor_id']:<6} {row['product_id']:<7} {numa:>4}  {row['dev_type']:<8} {row['count']:>5}  {tags}"
 
 
 def cmd_host_claim(args: argparse.Namespace, store: Store, out: Output) -> int:
@@ -516,15 +518,11 @@ def cmd_cluster_pools(args: argparse.Namespace, store: Store, out: Output) -> in
     data = [{**h.to_json(), "pools": [_pool_row(p) for p in h.stats]} for h in hosts]
 
     def text() -> str:
-        lines = [f"{'HOST':<20} {'VENDOR':<6} {'PRODUCT':<7} {'NUMA':>4}  {'TYPE':<8} {'FREE':>5}  TAGS"]
+        lines = [f"{'HOST':<20} " + _POOL_HEADER.format("FREE")]
+        empty: dict[str, Any] = {"vendor_id": "-", "product_id": "-", "numa_node": None, "dev_type": "-", "count": 0,
+                                 "tags": {}}
         for host in data:
-            if not host["pools"]:
-                lines.append(f"{host['host']:<20} {'-':<6} {'-':<7} {'-':>4}  {'-':<8} {0:>5}  -")
-            for r in host["pools"]:
-                numa = "-" if r["numa_node"] is None else str(r["numa_node"])
-                tags = ",".join(f"{k}={v}" for k, v in sorted(r["tags"].items())) or "-"
-                lines.append(f"{host['host']:<20} {r['vendor_id']:<6} {r['product_id']:<7} {numa:>4}  "
-                             f"{r['dev_type']:<8} {r['count']:>5}  {tags}")
+            lines += [f"{host['host']:<20} {_pool_line(r)}" for r in host["pools"] or [empty]]
         return "\n".join(lines)
 
     out.emit(data, text)

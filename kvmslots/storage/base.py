@@ -25,8 +25,20 @@ Implementations: :mod:`kvmslots.storage.sqlite` (the embedded default) and
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any, AsyncContextManager, ContextManager, Iterable, Mapping, Protocol
+from typing import (
+    Any,
+    AsyncContextManager,
+    AsyncIterator,
+    Callable,
+    ContextManager,
+    Iterable,
+    Iterator,
+    Mapping,
+    Protocol,
+    TypeVar,
+)
 
 import tenacity
 
@@ -44,8 +56,12 @@ __all__ = [
     "HostRecord",
     "PoolCount",
     "lock_retry",
+    "hold",
+    "hold_sync",
     "vm_busy",
 ]
+
+H = TypeVar("H")
 
 
 class SlotTransaction(Protocol):
@@ -155,6 +171,38 @@ def lock_retry(timeout: float) -> dict[str, Any]:
         "retry": tenacity.retry_if_exception_type(BlockingIOError),
         "reraise": True,
     }
+
+
+@contextlib.contextmanager
+def hold_sync(vm: str, timeout: float, attempt: Callable[[], H], release: Callable[[H], None]) -> Iterator[None]:
+    """Hold a VM lock for a synchronous caller: *attempt* takes it or raises BlockingIOError, and is
+    retried with backoff until *timeout* (then :class:`VMBusy`); *release* gives it back."""
+    try:
+        held = tenacity.Retrying(**lock_retry(timeout))(attempt)
+    except BlockingIOError:
+        raise vm_busy(vm, timeout) from None
+    try:
+        yield
+    finally:
+        release(held)
+
+
+@contextlib.asynccontextmanager
+async def hold(vm: str, timeout: float, attempt: Callable[[], H], release: Callable[[H], None]) -> AsyncIterator[None]:
+    """:func:`hold_sync` for asyncio callers: the waits between attempts do not block the loop."""
+    try:
+        held = attempt()
+    except BlockingIOError:  # contended: wait with backoff
+        try:
+            async for retry in tenacity.AsyncRetrying(**lock_retry(timeout)):
+                with retry:
+                    held = attempt()
+        except BlockingIOError:
+            raise vm_busy(vm, timeout) from None
+    try:
+        yield
+    finally:
+        release(held)
 
 
 def vm_busy(vm: str, timeout: float) -> VMBusy:

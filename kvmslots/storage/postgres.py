@@ -39,13 +39,11 @@ import logging
 import re
 import urllib.parse
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable, Iterator, Sequence
-
-import tenacity
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from ..devid import validate_vm_name
 from ..errors import StateConflict, StateError, StoreUnavailable, VMBusy
-from .base import lock_retry, vm_busy
+from .base import hold, hold_sync
 from .schema import CREATE, SCHEMA_VERSION
 from .sql import SqlTransaction
 
@@ -288,31 +286,10 @@ class PostgresBackend:
         with contextlib.suppress(self._psycopg.Error):
             conn.execute("SELECT pg_advisory_unlock(%s)", (_key("vm-op", vm),))
 
-    @contextlib.contextmanager
-    def vm_lock_sync(self, vm: str, timeout: float = 60.0) -> Iterator[None]:
-        try:
-            tenacity.Retrying(**lock_retry(timeout))(self._try_lock, vm)
-        except BlockingIOError:
-            raise vm_busy(vm, timeout) from None
-        try:
-            yield
-        finally:
-            self._unlock(vm)
+    def vm_lock_sync(self, vm: str, timeout: float = 60.0) -> contextlib.AbstractContextManager[None]:
+        return hold_sync(vm, timeout, lambda: self._try_lock(vm), lambda _: self._unlock(vm))
 
-    @contextlib.asynccontextmanager
-    async def vm_lock(self, vm: str, timeout: float = 60.0) -> AsyncIterator[None]:
+    def vm_lock(self, vm: str, timeout: float = 60.0) -> contextlib.AbstractAsyncContextManager[None]:
         """Hold the VM's operation lock: a session advisory lock, so no other process on any host
         can plan or hot-plug the VM meanwhile; the server drops it if this process dies."""
-        try:
-            self._try_lock(vm)
-        except BlockingIOError:
-            try:
-                async for attempt in tenacity.AsyncRetrying(**lock_retry(timeout)):
-                    with attempt:
-                        self._try_lock(vm)
-            except BlockingIOError:
-                raise vm_busy(vm, timeout) from None
-        try:
-            yield
-        finally:
-            self._unlock(vm)
+        return hold(vm, timeout, lambda: self._try_lock(vm), lambda _: self._unlock(vm))

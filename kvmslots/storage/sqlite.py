@@ -27,13 +27,11 @@ import stat
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterable, Iterator, Sequence
-
-import tenacity
+from typing import Any, Iterable, Iterator, Sequence
 
 from ..devid import validate_vm_name
 from ..errors import StateConflict, StateCorrupt, StateError
-from .base import lock_retry, vm_busy
+from .base import hold, hold_sync
 from .schema import CREATE, SCHEMA_VERSION, SQLITE_MIGRATIONS
 from .sql import SqlTransaction
 
@@ -215,41 +213,18 @@ class SQLiteBackend:
         finally:
             os.close(fd)
 
-    @contextlib.contextmanager
-    def vm_lock_sync(self, vm: str, timeout: float = 60.0) -> Iterator[None]:
+    def vm_lock_sync(self, vm: str, timeout: float = 60.0) -> contextlib.AbstractContextManager[None]:
         """:meth:`vm_lock` for synchronous callers (define, delete and import of a VM)."""
-        try:
-            fd = tenacity.Retrying(**lock_retry(timeout))(self._try_lock, vm)
-        except BlockingIOError:
-            raise vm_busy(vm, timeout) from None
-        try:
-            yield
-        finally:
-            self._unlock(vm, fd)
+        return hold_sync(vm, timeout, lambda: self._try_lock(vm), lambda fd: self._unlock(vm, fd))
 
-    @contextlib.asynccontextmanager
-    async def vm_lock(self, vm: str, timeout: float = 60.0) -> AsyncIterator[None]:
+    def vm_lock(self, vm: str, timeout: float = 60.0) -> contextlib.AbstractAsyncContextManager[None]:
         """Hold the VM's operation lock (an ``flock`` on a 0600 file in the state dir).
 
         The kernel drops the lock when its holder dies, so a crashed process
         never leaves the VM locked; a process that ends normally, successful
         or not, leaves no lock file behind.
         """
-        try:
-            fd = self._try_lock(vm)
-        except BlockingIOError:  # contended: wait with backoff
-            try:
-                fd = -1
-                async for attempt in tenacity.AsyncRetrying(**lock_retry(timeout)):
-                    with attempt:
-                        fd = self._try_lock(vm)
-            except BlockingIOError:
-                raise vm_busy(vm, timeout) from None
-        try:
-            yield
-        finally:
-            self._unlock(vm, fd)
-
+        return hold(vm, timeout, lambda: self._try_lock(vm), lambda fd: self._unlock(vm, fd))
 
 def _private_dir(path: Path) -> None:
     """Create the state dir 0700; an existing one must be a directory of ours (not a symlink),
