@@ -37,6 +37,7 @@ __all__ = [
     "validate_dev_type",
     "validate_vm_name",
     "validate_bus",
+    "validate_qemu_id",
     "validate_driver",
     "validate_props",
     "coerce_props",
@@ -145,6 +146,14 @@ def validate_bus(value: object) -> str:
     """A bus is named by its QEMU id (``pci.0``, or a bridge's id)."""
     if not isinstance(value, str) or not _QEMU_ID_RE.fullmatch(value):
         raise InvalidBus(f"PCI bus must be a QEMU bus id such as 'pci.0', got {shown(value)}")
+    return value
+
+
+def validate_qemu_id(value: object) -> str:
+    """A QEMU device id kvmslots did not make (given by another manager, e.g. Ganeti 2.16+):
+    ``[A-Za-z][A-Za-z0-9._-]{0,127}``, as QEMU itself requires of ids."""
+    if not isinstance(value, str) or not _QEMU_ID_RE.fullmatch(value):
+        raise InvalidDeviceId(f"QEMU device id must match [A-Za-z][A-Za-z0-9._-]{{0,127}}, got {shown(value)}")
     return value
 
 

@@ -28,6 +28,7 @@ from .devid import (
     validate_dev_type,
     validate_driver,
     validate_props,
+    validate_qemu_id,
     validate_uuid,
     validate_vm_name,
 )
@@ -223,6 +224,9 @@ class Device:
     """A device as stored: the spec plus its bus, slot, function and state.
 
     ``multifunction`` marks function 0 of a group (QEMU's ``multifunction=on``).
+    ``given_id`` is the QEMU id another manager gave the device before
+    kvmslots took the VM over (Ganeti 2.16+ names devices without their
+    slot); None for every device kvmslots placed, whose id it derives.
     """
 
     uuid: str
@@ -234,18 +238,33 @@ class Device:
     state: DeviceState
     function: int = 0
     multifunction: bool = False
+    given_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.given_id is not None:
+            validate_qemu_id(self.given_id)
 
     @classmethod
     def from_spec(
-        cls, spec: DeviceSpec, bus: str, slot: int, state: DeviceState, function: int = 0, multifunction: bool = False
+        cls,
+        spec: DeviceSpec,
+        bus: str,
+        slot: int,
+        state: DeviceState,
+        function: int = 0,
+        multifunction: bool = False,
+        given_id: str | None = None,
     ) -> "Device":
         return cls(
-            spec.uuid, spec.dev_type, spec.driver, dict(spec.props), bus, slot, state, function, multifunction
+            spec.uuid, spec.dev_type, spec.driver, dict(spec.props), bus, slot, state, function, multifunction, given_id
         )
 
     @property
     def qemu_id(self) -> str:
-        """The reproducible QEMU id, rebuilt from the stored slot."""
+        """The id QEMU knows the device by: the reproducible one, rebuilt from the stored slot,
+        unless another manager gave it one (``given_id``)."""
+        if self.given_id is not None:
+            return self.given_id
         return device_id(self.dev_type, self.uuid, self.slot)
 
     @property
@@ -289,6 +308,7 @@ class Device:
             "multifunction": self.multifunction,
             "state": self.state.value,
             "id": self.qemu_id,
+            "id_given": self.given_id is not None,
         }
 
 

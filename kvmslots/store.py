@@ -21,11 +21,12 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, AsyncContextManager, ContextManager, Mapping
 
 from ._shown import shown
-from .devid import is_passthrough_driver, uuid8
+from .devid import is_passthrough_driver, uuid8, validate_qemu_id
 from .errors import (
     InvalidStateLocation,
     SlotError,
@@ -43,9 +44,9 @@ from .topology import check_records
 __all__ = ["Store", "Transaction", "EXPORT_FORMAT", "EXPORT_VERSION", "DB_NAME", "DATABASE_URL_ENV"]
 
 EXPORT_FORMAT = "kvmslots.vm-state"
-EXPORT_VERSION = 2
-#: Export versions this kvmslots reads (1: no functions, no controllers).
-EXPORT_VERSIONS = (1, 2)
+EXPORT_VERSION = 3
+#: Export versions this kvmslots reads (1: no functions, no controllers; 2: no ids given by another manager).
+EXPORT_VERSIONS = (1, 2, 3)
 #: Something that looks like a URL (a scheme, a colon): never taken for a directory name.
 _URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:(//|/|$)|postgres(ql)?:", re.IGNORECASE)
 #: The environment variable the CLI reads a PostgreSQL URL from.
@@ -230,9 +231,10 @@ def parse_export(document: Mapping[str, Any] | str | bytes) -> tuple[VMSpec, lis
     devices: list[Device] = []
     ids: dict[tuple[str, int], str] = {}
     uuids: set[str] = set()
+    given_ids: set[str] = set()  # every id, derived or given: QEMU takes each once
     keys = {"uuid", "type", "driver", "props", "bus", "slot", "state", "id"} | (
         set() if v1 else {"function", "multifunction"}
-    )
+    ) | ({"id_given"} if version >= 3 else set())
     for index, raw in enumerate(raw_devices):
         where = f"devices[{index}]"
         if not isinstance(raw, Mapping):
@@ -260,14 +262,25 @@ def parse_export(document: Mapping[str, Any] | str | bytes) -> tuple[VMSpec, lis
                 "host device through the tracker after the import"
             )
         device = Device.from_spec(spec, spec.bus, spec.slot, state, function, multifunction)
-        if raw["id"] != device.qemu_id:
+        given = raw.get("id_given", False)
+        if not isinstance(given, bool):
+            raise StateImportError(f"{where}: id_given must be true or false, got {shown(given)}")
+        if given:  # an id another manager gave it (a VM kvmslots took over): kept as it is
+            try:
+                device = replace(device, given_id=validate_qemu_id(raw["id"]))
+            except ValidationError as exc:
+                raise StateImportError(f"Bad device in {where}: {exc}") from None
+        elif raw["id"] != device.qemu_id:
             raise StateImportError(f"{where}: id {shown(raw['id'])} does not match its type, UUID and slot ({device.qemu_id})")
         if device.uuid in uuids:
             raise StateImportError(f"{where}: UUID {device.uuid} appears twice")
         if (uuid8(device.uuid), device.slot) in ids:
             raise StateImportError(f"{where}: its id would collide with {ids[(uuid8(device.uuid), device.slot)]}")
+        if device.qemu_id in given_ids:
+            raise StateImportError(f"{where}: the id {device.qemu_id} appears twice")
         uuids.add(device.uuid)
         ids[(uuid8(device.uuid), device.slot)] = device.qemu_id
+        given_ids.add(device.qemu_id)
         devices.append(device)
     try:
         check_records(vm, controllers, devices)

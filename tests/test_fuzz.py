@@ -401,15 +401,16 @@ EXPORT = {
     ],
     "devices": [
         {"uuid": UUID, "type": "nic", "driver": "virtio-net-pci", "props": {"netdev": "net0"}, "bus": "pcie-port-1",
-         "slot": 0, "function": 0, "multifunction": True, "state": "attached", "id": "nic-9f3c2a1b-pci-0"},
+         "slot": 0, "function": 0, "multifunction": True, "state": "attached", "id": "nic-9f3c2a1b-pci-0",
+         "id_given": False},
         {"uuid": "0c1d2e3f-0000-4000-8000-000000000001", "type": "rng", "driver": "virtio-rng-pci", "props": {},
          "bus": "pcie-port-1", "slot": 0, "function": 1, "multifunction": False, "state": "attached",
-         "id": "rng-0c1d2e3f-pci-0"},
+         "id": "rng-0c1d2e3f", "id_given": True},  # as another manager (Ganeti 2.16+) named it
     ],
 }
 EXPORT_KEYS = ["format", "version", "vm", "devices", "name", "machine", "mask", "bus_masks", "uuid", "type",
                "driver", "props", "bus", "slot", "state", "id", "controllers", "kind", "function", "chassis",
-               "multifunction", "hotplug_ports", "spare_bridge"]
+               "multifunction", "hotplug_ports", "spare_bridge", "id_given"]
 export_values = json_like(EXPORT_KEYS, [store.EXPORT_FORMAT, store.EXPORT_VERSION, 1, "attached", "pci.0", 4, UUID,
                                         "pcie-root-port", "pcie-port-1"])
 
@@ -417,6 +418,7 @@ export_values = json_like(EXPORT_KEYS, [store.EXPORT_FORMAT, store.EXPORT_VERSIO
 def test_the_export_samples_are_valid():
     vm, controllers, devices = store.parse_export(EXPORT)
     assert vm.name == "vm2" and len(controllers) == 2 and [d.function for d in devices] == [0, 1]
+    assert [d.qemu_id for d in devices] == ["nic-9f3c2a1b-pci-0", "rng-0c1d2e3f"]
     vm, controllers, devices = store.parse_export(EXPORT_V1)
     assert vm.name == "vm1" and controllers == [] and len(devices) == 2
 

@@ -31,6 +31,7 @@ from kvmslots.errors import (
     StateImportError,
 )
 from kvmslots.monitor import Monitor, validate_timeout
+from kvmslots.storage.schema import SCHEMA_VERSION
 from kvmslots.store import DB_NAME, parse_export
 
 from fakes import FakeQemu
@@ -206,7 +207,7 @@ def test_item4_a_schema_1_state_file_opens_and_is_upgraded_in_place(tmp_path):
     with Store(state) as s:
         assert [(d.slot, d.state) for d in s.devices("old")] == [(5, DeviceState.DETACHING)]
         with s.reading() as txn:
-            assert txn.execute("PRAGMA user_version").fetchone()[0] == 4  # upgraded all the way: 1 -> 2 -> 3 -> 4
+            assert txn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION  # upgraded all the way
             assert txn.unplug_requested("old") == set()  # unknown: reconcile asks QEMU again
 
 

@@ -23,7 +23,7 @@ import pytest
 
 from kvmslots import Store
 from kvmslots.cli import main
-from kvmslots.errors import StateConflict, StateError, StoreUnavailable, UnknownHost, VMBusy
+from kvmslots.errors import DeviceExists, StateConflict, StateError, StoreUnavailable, UnknownHost, VMBusy
 from kvmslots.hotplug import plan_boot
 from kvmslots.model import Device, DeviceSpec, DeviceState, VMSpec
 from kvmslots.pci.devspec import Whitelist
@@ -313,3 +313,39 @@ def test_two_hosts_never_plan_the_same_vm_at_once(pg_url):
         # each plan is the VM's whole device set: the last one wins, and no plan ever saw a half-written one
         assert len(store.devices("vm1")) == 1
     assert all(slots == [4] for slots in results.values())
+
+
+def test_a_postgres_database_of_schema_4_is_upgraded_in_place(pg_url):
+    with Store(pg_url) as store:
+        store.define_vm(VMSpec("vm1"))
+        with store.transaction() as txn:
+            txn.add_device("vm1", dev(1, 5))
+    with psycopg.connect(pg_url) as conn:  # as kvmslots with schema 4 left it
+        conn.execute("DROP INDEX devices_qemu_id")
+        conn.execute("ALTER TABLE devices DROP COLUMN qemu_id")
+        conn.execute("UPDATE kvmslots_schema SET version = 4")
+    with Store(pg_url) as store:
+        assert [d.qemu_id for d in store.devices("vm1")] == [f"dev-{U[1][:8]}-pci-5"]
+        with store.transaction() as txn:  # the new column works
+            txn.add_device("vm1", Device.from_spec(DeviceSpec(U[2], "nic", "e1000"), "pci.0", 6, DeviceState.ATTACHED,
+                                                   given_id="nic-legacy0"))
+        assert [d.qemu_id for d in store.devices("vm1")] == [f"dev-{U[1][:8]}-pci-5", "nic-legacy0"]
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT version FROM kvmslots_schema").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_an_id_given_by_another_manager_is_kept_exported_and_unique(state_location):
+    with Store(state_location) as store:
+        store.define_vm(VMSpec("vm1"))
+        given = Device.from_spec(DeviceSpec(U[1], "nic", "e1000"), "pci.0", 5, DeviceState.ATTACHED, given_id="nic-9")
+        with store.transaction() as txn:
+            txn.add_device("vm1", given)
+        with pytest.raises(DeviceExists, match="nic-9"):
+            with store.transaction() as txn:
+                txn.add_device("vm1", Device.from_spec(DeviceSpec(U[2], "nic", "e1000"), "pci.0", 6,
+                                                       DeviceState.ATTACHED, given_id="nic-9"))
+        document = store.export_vm("vm1")
+        assert document["devices"][0]["id"] == "nic-9" and document["devices"][0]["id_given"] is True
+        store.delete_vm("vm1")
+        store.import_vm(document)
+        assert store.devices("vm1") == [given]

@@ -132,7 +132,7 @@ def _mutations():
 
     return {
         "format": m(["format"], "ganeti-runtime"),
-        "version": m(["version"], 3),
+        "version": m(["version"], 4),
         "extra key": m(["surprise"], 1),
         "no devices": m(["devices"], KeyError),
         "bad mask": m(["vm", "mask"], "111"),

@@ -332,7 +332,7 @@ def test_a_schema_2_state_file_is_upgraded_with_its_devices(tmp_path):
 def test_export_v2_round_trips_ports_and_groups(tmp_path, store):
     plan(store, VMSpec("vm1", "q35", hotplug_ports=1), [rng(1), DeviceGroup((rng(2), rng(3)))])
     document = store.export_vm("vm1")
-    assert document["version"] == 2 and len(document["controllers"]) == 3
+    assert document["version"] == 3 and len(document["controllers"]) == 3
     with Store(tmp_path / "other") as other:
         other.import_vm(json.dumps(document))
         assert other.devices("vm1") == store.devices("vm1")

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 from ..devid import validate_vm_name
 from ..errors import StateConflict, StateError, StoreUnavailable, VMBusy
 from .base import hold, hold_sync
-from .schema import CREATE, SCHEMA_VERSION
+from .schema import COMMON_MIGRATIONS, CREATE, SCHEMA_VERSION
 from .sql import SqlTransaction
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ __all__ = ["PostgresBackend", "PostgresTransaction", "is_postgres_url", "redact"
 log = logging.getLogger(__name__)
 
 #: Upgrades in place, from the version in the key to the next one (version 4 is the first here).
-PG_MIGRATIONS: dict[int, list[str]] = {}
+PG_MIGRATIONS: dict[int, list[str]] = dict(COMMON_MIGRATIONS)
 _SCHEMA_TABLE = "CREATE TABLE kvmslots_schema (version INTEGER NOT NULL)"
 
 

@@ -14,15 +14,17 @@ Versions:
   4. the host PCI tracker's tables join the schema (before, the tracker created them itself):
      pci_devices, pci_requests, and pci_hosts (one row per host: generation, NUMA sockets,
      device spec, last sync), so one database can hold many hosts' inventories.
+  5. devices.qemu_id: the id another manager gave a device of a VM kvmslots took over
+     (NULL: kvmslots derives it), unique per VM.
 """
 
 from __future__ import annotations
 
 from ..model import DEFAULT_HOTPLUG_PORTS
 
-__all__ = ["SCHEMA_VERSION", "CREATE", "SQLITE_MIGRATIONS"]
+__all__ = ["SCHEMA_VERSION", "CREATE", "SQLITE_MIGRATIONS", "COMMON_MIGRATIONS"]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _VMS = f"""CREATE TABLE IF NOT EXISTS vms (
     name      TEXT PRIMARY KEY,
@@ -32,7 +34,8 @@ _VMS = f"""CREATE TABLE IF NOT EXISTS vms (
     hotplug_ports INTEGER NOT NULL DEFAULT {DEFAULT_HOTPLUG_PORTS},
     spare_bridge  INTEGER NOT NULL DEFAULT 0
 )"""
-_DEVICES = """CREATE TABLE IF NOT EXISTS devices (
+#: The devices table of schema 3 (what migration 2 -> 3 builds; migration 4 -> 5 adds qemu_id).
+_DEVICES_V3 = """CREATE TABLE IF NOT EXISTS devices (
     vm       TEXT NOT NULL REFERENCES vms(name) ON DELETE CASCADE,
     uuid     TEXT NOT NULL,
     uuid8    TEXT NOT NULL,
@@ -49,6 +52,7 @@ _DEVICES = """CREATE TABLE IF NOT EXISTS devices (
     UNIQUE (vm, bus, slot, function),
     UNIQUE (vm, uuid8, slot)
 )"""
+_DEVICES = _DEVICES_V3.replace("    PRIMARY KEY (vm, uuid),", "    qemu_id  TEXT,\n    PRIMARY KEY (vm, uuid),")
 _CONTROLLERS = """CREATE TABLE IF NOT EXISTS controllers (
     vm       TEXT NOT NULL REFERENCES vms(name) ON DELETE CASCADE,
     id       TEXT NOT NULL,
@@ -78,8 +82,15 @@ _PCI_HOSTS = """CREATE TABLE IF NOT EXISTS pci_hosts (
     device_spec TEXT,
     synced_at DOUBLE PRECISION)"""
 
+_GIVEN_IDS = "CREATE UNIQUE INDEX IF NOT EXISTS devices_qemu_id ON devices (vm, qemu_id)"
+
 #: The whole schema of the current version, statement by statement.
-CREATE = (_VMS, _DEVICES, _CONTROLLERS, _PCI_DEVICES, _PCI_REQUESTS, _PCI_HOSTS)
+CREATE = (_VMS, _DEVICES, _GIVEN_IDS, _CONTROLLERS, _PCI_DEVICES, _PCI_REQUESTS, _PCI_HOSTS)
+
+#: Upgrades both backends make the same way, from the version in the key to the next one.
+COMMON_MIGRATIONS: dict[int, list[str]] = {
+    4: ["ALTER TABLE devices ADD COLUMN qemu_id TEXT", _GIVEN_IDS],
+}
 
 #: SQLite upgrades in place, from the version in the key to the next one.
 SQLITE_MIGRATIONS: dict[int, list[str]] = {
@@ -89,7 +100,7 @@ SQLITE_MIGRATIONS: dict[int, list[str]] = {
         f"ALTER TABLE vms ADD COLUMN hotplug_ports INTEGER NOT NULL DEFAULT {DEFAULT_HOTPLUG_PORTS}",
         "ALTER TABLE vms ADD COLUMN spare_bridge INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE devices RENAME TO devices_v2",
-        _DEVICES,
+        _DEVICES_V3,
         "INSERT INTO devices (vm, uuid, uuid8, dev_type, driver, props, bus, slot, state, unplug_requested) "
         "SELECT vm, uuid, uuid8, dev_type, driver, props, bus, slot, state, unplug_requested FROM devices_v2",
         "DROP TABLE devices_v2",
@@ -104,4 +115,5 @@ SQLITE_MIGRATIONS: dict[int, list[str]] = {
         "INSERT INTO pci_hosts (node, generation) SELECT node, generation FROM pci_meta",
         "DROP TABLE pci_meta",
     ],
+    **COMMON_MIGRATIONS,
 }

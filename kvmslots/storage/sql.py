@@ -35,7 +35,7 @@ from .base import HostChanges, HostRecord, PoolCount
 
 __all__ = ["SqlTransaction", "DEVICE_COLUMNS", "PCI_COLUMNS"]
 
-DEVICE_COLUMNS = "uuid, dev_type, driver, props, bus, slot, state, function, multifunction"
+DEVICE_COLUMNS = "uuid, dev_type, driver, props, bus, slot, state, function, multifunction, qemu_id"
 PCI_COLUMNS = (*HYPERVISOR_FIELDS, "tags", "status", "instance_uuid", "request_id", "stale", "vanished")
 _PCI_SELECT = ", ".join(PCI_COLUMNS)
 _PCI_UPSERT = (
@@ -169,12 +169,14 @@ class SqlTransaction:
         # in the order devices() gives: the same checks as over every device, at O(1) per add.
         rows = self.execute(
             f"SELECT {DEVICE_COLUMNS} FROM devices WHERE vm = ? AND "
-            "(uuid = ? OR (bus = ? AND slot = ?) OR (uuid8 = ? AND slot = ?))",
-            (vm, device.uuid, device.bus, device.slot, uuid8(device.uuid), device.slot),
+            "(uuid = ? OR (bus = ? AND slot = ?) OR (uuid8 = ? AND slot = ?) OR qemu_id = ?)",
+            (vm, device.uuid, device.bus, device.slot, uuid8(device.uuid), device.slot, device.qemu_id),
         ).fetchall()
         for other in sorted(map(_row_to_device, rows), key=_device_order):
             if other.uuid == device.uuid:
                 raise DeviceExists(f"VM {vm!r} already has a device with UUID {device.uuid} ({other.qemu_id})")
+            if other.qemu_id == device.qemu_id:
+                raise DeviceExists(f"VM {vm!r} already has a device with the id {device.qemu_id} ({other.uuid})")
             if other.bus == device.bus and other.slot == device.slot and (
                 other.function == device.function or not (other.in_group and device.in_group)
             ):
@@ -191,8 +193,8 @@ class SqlTransaction:
         if held is not None:
             raise StateConflict(f"Slot {device.slot} on {device.bus} is held by {held[0]}")
         self.execute(
-            "INSERT INTO devices (vm, uuid, uuid8, dev_type, driver, props, bus, slot, state, function, multifunction) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO devices (vm, uuid, uuid8, dev_type, driver, props, bus, slot, state, function, multifunction, "
+            "qemu_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 vm,
                 device.uuid,
@@ -205,6 +207,7 @@ class SqlTransaction:
                 device.state.value,
                 device.function,
                 int(device.multifunction),
+                device.given_id,
             ),
         )
 
@@ -401,8 +404,10 @@ def _device_order(device: Device) -> tuple[str, int, int]:
 
 
 def _row_to_device(row: Sequence[Any]) -> Device:
-    uuid, dev_type, driver, props, bus, slot, state, function, multifunction = row
-    return Device(uuid, dev_type, driver, json.loads(props), bus, slot, DeviceState(state), function, bool(multifunction))
+    uuid, dev_type, driver, props, bus, slot, state, function, multifunction, given_id = row
+    return Device(
+        uuid, dev_type, driver, json.loads(props), bus, slot, DeviceState(state), function, bool(multifunction), given_id
+    )
 
 
 def _pci_to_row(device: PciDevice) -> tuple[Any, ...]:
