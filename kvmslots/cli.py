@@ -280,6 +280,26 @@ def cmd_reconcile(args: argparse.Namespace, store: Store, out: Output) -> int:
     return 0
 
 
+def cmd_adopt(args: argparse.Namespace, store: Store, out: Output) -> int:
+    from .hotplug.adopt import adopt, parse_uuids
+
+    uuids = parse_uuids(_read_json_file(args.uuids, "UUID list")) if args.uuids else {}
+    report = _with_monitor(
+        args, lambda mon: adopt(store, mon, args.vm, uuids, mask=args.mask or "", reserve_slots=args.reserve_slots)
+    )
+    data = report.to_json()
+
+    def text() -> str:
+        head = f"adopted {args.vm} ({report.machine})" if report.created else f"{args.vm} is already stored"
+        lines = [f"{key}: {', '.join(data[key]) or '-'}" for key in ("devices", "controllers", "foreign")]
+        if not report.created:
+            lines.append(f"differences: {'; '.join(report.differences) or 'none'}")
+        return "\n".join([head, *lines])
+
+    out.emit(data, text)
+    return 0
+
+
 def cmd_show(args: argparse.Namespace, store: Store, out: Output) -> int:
     vm = store.get_vm(args.vm)
     devices = store.devices(args.vm)
@@ -634,6 +654,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("vm")
     p.add_argument("--qmp", metavar="SOCKET", help="also read QEMU's live view (foreign devices)")
     p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("adopt", help="take over a running VM kvmslots did not start, from its live state")
+    p.add_argument("vm", help="the name to record the VM under")
+    p.add_argument("--qmp", required=True, metavar="SOCKET", help="the running VM's QMP socket")
+    p.add_argument("--uuids", metavar="FILE", help="JSON list of the VM's device UUIDs, or of "
+                   '{"uuid": ..., "type": ...} objects: a device whose id is <type>-<uuid8>-pci-<slot> for one of '
+                   "them is recorded as that device; every other device is foreign (its slot is reserved)")
+    reserve = p.add_mutually_exclusive_group()
+    reserve.add_argument("--mask", help="32-character reservation mask of the root bus, on top of the slots QEMU "
+                         "shows taken (default: the machine's built-ins)")
+    reserve.add_argument("--reserve-slots", type=int, metavar="N", help="reserve the first N root-bus slots "
+                         "(Ganeti's kvm_pci_reservations)")
+    p.set_defaults(func=cmd_adopt)
 
     p = sub.add_parser("reconcile", help="repair records against QEMU's live view")
     p.add_argument("vm")

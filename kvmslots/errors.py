@@ -39,6 +39,7 @@ __all__ = [
     "StateConflict",
     "InvalidTransition",
     "StateImportError",
+    "GanetiRuntimeError",
     "VMBusy",
     "StateCorrupt",
     "StoreUnavailable",
@@ -75,6 +76,7 @@ __all__ = [
     "TestVMError",
     "GuestFilesMissing",
     "GuestBootTimeout",
+    "GuestBuildFailed",
 ]
 
 
@@ -215,7 +217,14 @@ class StateError(KvmSlotsError):
 
 
 class UnknownVM(StateError, LookupError):
-    """No VM of that name is stored."""
+    """No VM of that name is stored; the message says what to run (``plan`` or ``adopt``)."""
+
+    def __init__(self, vm: str) -> None:
+        self.vm = vm
+        super().__init__(
+            f"No VM named {vm!r} in the state store: run 'kvmslots plan {vm} ...' before booting it, or "
+            f"'kvmslots adopt {vm} --qmp SOCKET' to take over a VM that is already running"
+        )
 
 
 class UnknownDevice(StateError, LookupError):
@@ -296,6 +305,20 @@ class UnknownHost(StateError, LookupError):
 
 class StateImportError(StateError, ValidationError):
     """An exported runtime document is corrupted, foreign or of another version."""
+
+
+class GanetiRuntimeError(StateImportError):
+    """A Ganeti KVM runtime file cannot be taken over: unreadable, malformed, or inconsistent
+    (two devices at one slot, an id that does not name its device, a slot Ganeti reserves).
+
+    Raised before anything is written.  ``path`` is the runtime file (``<text>`` when it was
+    handed over as text); ``ids`` the QEMU ids the problem is about, when it is about ids.
+    """
+
+    def __init__(self, message: str, path: str, ids: tuple[str, ...] = ()) -> None:
+        self.path = path
+        self.ids = tuple(ids)
+        super().__init__(message)
 
 
 # --- QEMU monitor ------------------------------------------------------------
@@ -507,3 +530,7 @@ class GuestFilesMissing(TestVMError):
 
 class GuestBootTimeout(TestVMError):
     """The guest did not reach its shell in time."""
+
+
+class GuestBuildFailed(TestVMError):
+    """``kvmslots guest build`` (the packaged guest recipe) did not produce the guest's files."""

@@ -147,7 +147,7 @@ class Store:
     def delete_vm(self, name: str) -> None:
         with self.vm_lock_sync(name), self.transaction() as txn:
             if not txn.has_vm(name):
-                raise UnknownVM(f"No VM named {name!r} in the state store")
+                raise UnknownVM(name)
             txn.delete_vm(name)
 
     def devices(self, vm: str) -> list[Device]:

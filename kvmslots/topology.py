@@ -169,7 +169,7 @@ class Topology:
         held = parent.functions.get(controller.slot, {})
         if parent.slots.is_masked(controller.slot):
             raise SlotReserved(controller.slot, parent.name)
-        if controller.function in held or (held and not _ports_only(held)):
+        if controller.function in held or (held and not self._ports_only(held)):
             raise SlotOccupied(controller.slot, parent.holder(controller.slot), parent.name)
         parent.take(controller.slot, controller.function, controller.id)
         kind = _bus_kind(controller.kind)
@@ -346,6 +346,11 @@ class Topology:
         hint = "plan the VM with spare_bridge (--spare-bridge) and boot it again" if hotplug else None
         raise SlotsExhausted(None if len(chain) > 1 else self.root.name, hint, vm=self.vm.name)
 
+    def _ports_only(self, held: dict[int, str]) -> bool:
+        """Are all functions of a slot held by our root ports (which share slots, eight to one)?"""
+        ports = {c.id for c in self.controllers if c.kind is ControllerKind.PCIE_ROOT_PORT}
+        return all(holder in ports for holder in held.values())
+
     # -- growing (boot only) ---------------------------------------------------------------
     def add_port(self) -> Controller:
         """A new ``pcie-root-port``: the next function of our last port slot, else a new slot of pcie.0."""
@@ -354,7 +359,7 @@ class Topology:
         port_slots = sorted({p.controller.slot for p in self.ports() if p.controller is not None})
         for slot in reversed(port_slots):
             held = root.functions.get(slot, {})
-            if _ports_only(held):
+            if self._ports_only(held):
                 free = [f for f in root.free_functions(slot) if f > max(held, default=-1)]
                 if free:
                     return Controller.port(chassis, slot, free[0])
@@ -406,11 +411,6 @@ class Topology:
 
 def _bus_kind(kind: ControllerKind) -> BusKind:
     return BusKind.PCIE_ROOT_PORT if kind is ControllerKind.PCIE_ROOT_PORT else BusKind.PCI_BRIDGE
-
-
-def _ports_only(held: dict[int, str]) -> bool:
-    """Are all functions of a slot held by our root ports (which share slots, eight to one)?"""
-    return all(holder.startswith("pcie-port-") for holder in held.values())
 
 
 def _refusal(refused: list[tuple[str, str]]) -> str:

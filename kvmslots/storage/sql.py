@@ -113,7 +113,7 @@ class SqlTransaction:
     def get_vm(self, name: str) -> VMSpec:
         vm = self.find_vm(name)
         if vm is None:
-            raise UnknownVM(f"No VM named {name!r} in the state store")
+            raise UnknownVM(name)
         return vm
 
     def put_vm(self, vm: VMSpec) -> None:
