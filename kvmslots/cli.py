@@ -21,10 +21,11 @@ import sys
 from pathlib import Path
 from typing import Any, Awaitable, Callable, NoReturn, Sequence, TypeVar
 
-from . import hotplug
+from . import __version__, hotplug
 from .capabilities import check_machine_available
 from .devid import PropValue, validate_uuid, validate_vm_name
 from .errors import InvalidFunction, KvmSlotsError, ValidationError
+from .guest import add_guest_parser, cmd_guest_build
 from .model import DEFAULT_HOTPLUG_PORTS, Controller, Device, DeviceGroup, DeviceSpec, DeviceState, VMSpec
 from .monitor import Monitor, command_timeout_from_env, validate_timeout
 from .pciview import PciOccupancy
@@ -47,9 +48,13 @@ class UsageError(Exception):
     """Bad usage: exit 2."""
 
 
+class _ArgumentError(UsageError):
+    """argparse refused the command line (reported by main, as text or as JSON)."""
+
+
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line on stderr, exit 2
-        self.exit(2, f"kvmslots: error: {message}\n")
+    def error(self, message: str) -> NoReturn:  # one line on stderr, exit 2 (main prints it)
+        raise _ArgumentError(message)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -600,13 +605,17 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default ${DATABASE_URL_ENV}, else $KVMSLOTS_STATE_DIR, else {DEFAULT_STATE_DIR})")
     parser.add_argument("--host-name", metavar="NAME", help="this host's name in the device inventory (default "
                         f"${HOST_ENV}; else the hostname on a PostgreSQL state, 'local' on a SQLite one)")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--json", action="store_true", help="machine-readable output: every command prints JSON, "
+                        "and a failure prints one JSON object on stderr ({\"error\": CLASS, \"message\": ..., "
+                        "and the failure's facts})")
+    parser.add_argument("--version", action="version", version=f"kvmslots {__version__}",
+                        help="print kvmslots' version and exit")
     parser.add_argument("--qmp-timeout", metavar="SECONDS", help="longest wait for QEMU to answer one QMP "
                         "command (default $KVMSLOTS_QMP_TIMEOUT or 15); a wedged QEMU ends the command with exit 1")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("plan", help="plan a VM's boot devices and print the -device arguments")
-    p.add_argument("vm")
+    p.add_argument("vm", help="the VM's name (letters, digits, '.', '_', '-'; created on first plan)")
     p.add_argument("--device", action="append", default=[], metavar="TYPE:UUID:DRIVER[:key=value,...]",
                    help="a device of the VM (repeat for each; the list is the VM's whole device set)")
     p.add_argument("--group", action="append", default=[], metavar="UUID,UUID,...",
@@ -627,8 +636,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("attach", help="hot add a device (or several, or a multifunction group) to a running VM")
-    p.add_argument("vm")
-    p.add_argument("--qmp", required=True, metavar="SOCKET")
+    p.add_argument("vm", help="the VM's name in the state store")
+    p.add_argument("--qmp", required=True, metavar="SOCKET", help="the running VM's QMP socket")
     p.add_argument("--type", help="device type, the first part of its id (nic, disk, ...)")
     p.add_argument("--uuid", help="the device's UUID (its id carries the first group)")
     p.add_argument("--driver", help="QEMU device model, e.g. virtio-net-pci")
@@ -643,15 +652,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_attach)
 
     p = sub.add_parser("detach", help="hot remove a device; confirmed by DEVICE_DELETED")
-    p.add_argument("vm")
-    p.add_argument("--qmp", required=True, metavar="SOCKET")
-    p.add_argument("--uuid", required=True)
+    p.add_argument("vm", help="the VM's name in the state store")
+    p.add_argument("--qmp", required=True, metavar="SOCKET", help="the running VM's QMP socket")
+    p.add_argument("--uuid", required=True, help="the UUID of the device to remove (its whole multifunction slot goes with it)")
     p.add_argument("--timeout", default="5", metavar="SECONDS",
                    help="how long to wait for the guest to eject it (finite, at most a day; default 5)")
     p.set_defaults(func=cmd_detach)
 
     p = sub.add_parser("show", help="draw the slot map and list the devices of a VM")
-    p.add_argument("vm")
+    p.add_argument("vm", help="the VM's name in the state store")
     p.add_argument("--qmp", metavar="SOCKET", help="also read QEMU's live view (foreign devices)")
     p.set_defaults(func=cmd_show)
 
@@ -669,22 +678,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_adopt)
 
     p = sub.add_parser("reconcile", help="repair records against QEMU's live view")
-    p.add_argument("vm")
-    p.add_argument("--qmp", required=True, metavar="SOCKET")
+    p.add_argument("vm", help="the VM's name in the state store")
+    p.add_argument("--qmp", required=True, metavar="SOCKET", help="the running VM's QMP socket")
     p.set_defaults(func=cmd_reconcile)
 
     p = sub.add_parser("delete", help="forget a VM's state (after it was destroyed; its host devices stay "
                        "claimed until 'host free')")
-    p.add_argument("vm")
+    p.add_argument("vm", help="the VM's name in the state store")
     p.set_defaults(func=cmd_delete)
 
     p = sub.add_parser("export", help="print a VM's state as a versioned JSON document")
-    p.add_argument("vm")
+    p.add_argument("vm", help="the VM's name in the state store")
     p.add_argument("-o", "--output", metavar="FILE", help="write it to FILE (0600) instead")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("import", help="load a VM's state exported elsewhere ('-' reads stdin)")
-    p.add_argument("file")
+    p.add_argument("file", help="the exported JSON document, or '-' for standard input")
     p.add_argument("--replace", action="store_true", help="replace the VM if it exists")
     p.set_defaults(func=cmd_import)
 
@@ -692,23 +701,24 @@ def build_parser() -> argparse.ArgumentParser:
     hsub = host.add_subparsers(dest="host_command", required=True, metavar="HOST_COMMAND", parser_class=_Parser)
     p = hsub.add_parser("sync", help="sync the tracker with the host's devices")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--libvirt", metavar="URI")
-    src.add_argument("--sysfs", metavar="ROOT")
-    src.add_argument("--devices-json", metavar="FILE")
+    src.add_argument("--libvirt", metavar="URI", help="read the host's PCI devices from libvirt's node devices (e.g. qemu:///system)")
+    src.add_argument("--sysfs", metavar="ROOT", help="read the host's PCI devices from sysfs under ROOT (normally /sys)")
+    src.add_argument("--devices-json", metavar="FILE", help="read the device list from FILE (Nova's hypervisor JSON)")
     p.add_argument("--device-spec", metavar="FILE", help="JSON list of Nova device_spec entries (kept for later syncs)")
     p.set_defaults(func=cmd_host_sync)
     p = hsub.add_parser("devices", help="list tracked host devices")
-    p.add_argument("--status")
+    p.add_argument("--status", help="only devices in this state (available, claimed, allocated, ...)")
     p.set_defaults(func=cmd_host_devices)
     p = hsub.add_parser("pools", help="list pools of free devices")
     p.set_defaults(func=cmd_host_pools)
     p = hsub.add_parser("claim", help="claim host devices for a VM from a flavor-style request")
-    p.add_argument("vm")
-    p.add_argument("--request", required=True, metavar='"alias:count[, alias:count]"')
+    p.add_argument("vm", help="the instance (VM) to claim for")
+    p.add_argument("--request", required=True, metavar='"alias:count[, alias:count]"',
+                   help="the flavor's pci_passthrough:alias value")
     p.add_argument("--aliases", required=True, metavar="FILE", help="JSON list of Nova alias entries")
     p.set_defaults(func=cmd_host_claim)
     p = hsub.add_parser("free", help="free every host device of a VM")
-    p.add_argument("vm")
+    p.add_argument("vm", help="the instance (VM) whose host devices to free")
     p.set_defaults(func=cmd_host_free)
 
     cluster = sub.add_parser("cluster", help="every host's passthrough devices (a state shared by many hosts)")
@@ -727,17 +737,24 @@ def build_parser() -> argparse.ArgumentParser:
                    "its NUMA nodes can serve the requests under the policy (default: no NUMA topology)")
     p.set_defaults(func=cmd_cluster_hosts)
     p = csub.add_parser("forget", help="remove a host's devices from the inventory (a host that is gone)")
-    p.add_argument("host")
+    p.add_argument("host", help="the host's name in the inventory (as its tracker's --host-name)")
     p.set_defaults(func=cmd_cluster_forget)
 
     p = sub.add_parser("demo", help="walk a disposable VM through the whole life cycle")
     p.set_defaults(func=cmd_demo)
+    add_guest_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command.  Exit 0 on success, 1 when the operation failed, 2 for bad usage; a failure
+    is one line on stderr, or with ``--json`` one JSON object (:func:`error_json`)."""
+    words = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(words)
+    except _ArgumentError as exc:
+        return _fail(exc, 2, "--json" in words)
     out = Output(args.json)
     args.state_given = args.state or os.environ.get(DATABASE_URL_ENV) or os.environ.get("KVMSLOTS_STATE_DIR")
     command: Callable[[argparse.Namespace, Store, Output], int] = args.func
@@ -745,17 +762,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         _validate_early(args)
         if command is cmd_demo:
             return cmd_demo(args, None, out)
+        if command is cmd_guest_build:
+            return cmd_guest_build(args, None, out)
         with Store(args.state_given or DEFAULT_STATE_DIR) as store:
             return command(args, store, out)
     except (UsageError, ValidationError) as exc:
-        print(f"kvmslots: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
+        return _fail(exc, 2, args.json)
     except KvmSlotsError as exc:
-        print(f"kvmslots: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("kvmslots: interrupted", file=sys.stderr)
-        return 1
+        return _fail(exc, 1, args.json)
+    except KeyboardInterrupt as exc:
+        return _fail(exc, 1, args.json)
     except BrokenPipeError:  # the reader left (`kvmslots plan ... | head -1`): not worth a traceback
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's final flush stays quiet
@@ -785,6 +801,38 @@ def _validate_early(args: argparse.Namespace) -> None:
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
+
+
+def error_json(exc: BaseException) -> dict[str, Any]:
+    """A failure as a program reads it: ``error`` (the exception's class), ``message``, and every fact
+    the exception carries as a public attribute (``vm``, ``uuid``, ``bus``, ``slot``, ``state``,
+    ``qemu_message``, ...), with values JSON cannot hold given as text."""
+    name = "UsageError" if isinstance(exc, UsageError) else "Interrupted" if isinstance(exc, KeyboardInterrupt) else (
+        type(exc).__name__
+    )
+    data: dict[str, Any] = {"error": name, "message": _one_line(exc) or name}
+    facts = exc.facts() if isinstance(exc, KvmSlotsError) else vars(exc)
+    for key, value in facts.items():
+        if key.startswith("_") or key in data:
+            continue
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            value = str(value)
+        data[key] = value
+    return data
+
+
+def _fail(exc: BaseException, code: int, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(error_json(exc)), file=sys.stderr)
+    elif isinstance(exc, KeyboardInterrupt):
+        print("kvmslots: interrupted", file=sys.stderr)
+    elif code == 2:
+        print(f"kvmslots: error: {_one_line(exc)}", file=sys.stderr)
+    else:
+        print(f"kvmslots: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover

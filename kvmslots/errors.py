@@ -8,11 +8,87 @@ what QEMU said, not only our interpretation of it.
 
 Validation errors also derive from :class:`ValueError`, because they are what
 a caller expects from a function handed a bad argument.
+
+Every error carries the facts of its case as attributes (:data:`FACTS`: ``vm``,
+``uuid``, ``device_id``, ``bus``, ``slot``, ``state``, ``new_state``,
+``qemu_message``, ``left``; None when they do not apply), and
+:meth:`KvmSlotsError.facts` gives them all; ``kvmslots --json`` prints them
+on a failure.  The hierarchy::
+
+    KvmSlotsError
+      ValidationError  (also ValueError)
+        InvalidMask
+        InvalidSlot
+        InvalidDeviceId
+        InvalidUUID
+        InvalidDeviceType
+        InvalidName
+        InvalidBus
+        InvalidDriver
+        InvalidProperty
+        InvalidTimeout
+        InvalidFunction
+        UnsupportedMachine
+        InvalidPciAddress  (also PciError)
+        InvalidDeviceSpec  (also PciError)
+          PciDeviceInvalidPFRemoteManaged
+        InvalidAlias  (also PciError)
+        AliasNotDefined  (also PciError)
+        InvalidPciRequest  (also PciError)
+        InvalidDevicesJson  (also PciError)
+      SlotError
+        SlotsExhausted
+          NoHotplugPort
+        SlotOccupied
+          SlotReserved
+      StateError
+        UnknownVM  (also LookupError)
+        UnknownDevice  (also LookupError)
+        DeviceExists
+        StateConflict
+          InvalidTransition
+        StateImportError  (also ValidationError)
+          GanetiRuntimeError
+        VMBusy
+        StateCorrupt
+        StoreUnavailable
+        InvalidStateLocation  (also ValidationError)
+        UnknownHost  (also LookupError)
+      MonitorError
+        MonitorUnavailable
+        MonitorConnectionLost
+          MonitorTimeout
+        QemuCommandError
+      HotplugError
+        DeviceAddFailed
+          VerificationFailed
+        UnplugGuestError
+        QemuIncompatible
+          QemuTooOld
+          QemuCommandMissing
+          BusNotHotpluggable
+          MachineMismatch
+      PciError
+        PciDeviceInvalidStatus
+        PciDeviceInvalidOwner
+        PciDeviceRequestFailed
+        UnknownPciDevice  (also LookupError)
+        DiscoveryError
+        HostBindError
+      TestVMError
+        GuestFilesMissing
+        GuestBootTimeout
+        GuestBuildFailed
+
+A class listed under two parents (``also``) can be caught as either.
 """
 
 from __future__ import annotations
 
+from typing import Self
+
 __all__ = [
+    "FACTS",
     "KvmSlotsError",
     "ValidationError",
     "InvalidMask",
@@ -80,8 +156,51 @@ __all__ = [
 ]
 
 
+#: The facts an error may carry, as attributes (None when they do not apply or are not known).
+FACTS = ("vm", "uuid", "device_id", "bus", "slot", "state", "new_state", "qemu_message", "left")
+
+
 class KvmSlotsError(Exception):
-    """Root of every error raised by kvmslots."""
+    """Root of every error raised by kvmslots.
+
+    Every error carries the facts of its case as attributes, so a program
+    branches on data, not on the message: ``vm``, ``uuid`` and ``device_id``
+    (the QEMU id) of the device, ``bus`` and ``slot``, ``state`` (the device
+    state before) and ``new_state`` (after), ``qemu_message`` (QEMU's own
+    words), and for a failed hot add ``left``: what it left behind, a mapping
+    of QEMU id to the state its record is left in (empty: nothing).  A fact
+    that does not apply is None.  Subclasses add their own (``path``,
+    ``location``, ``timeout``, ...).
+    """
+
+    vm: str | None = None
+    uuid: str | None = None
+    device_id: str | None = None
+    bus: str | None = None
+    slot: int | None = None
+    state: str | None = None
+    new_state: str | None = None
+    qemu_message: str | None = None
+    left: dict[str, str] | None = None
+
+    def __init__(self, *args: object, **facts: object) -> None:
+        super().__init__(*args)
+        self.add_facts(**facts)
+
+    def add_facts(self, **facts: object) -> Self:
+        """Set facts (only those in :data:`FACTS`; None leaves a fact as it was); returns the error."""
+        for name, value in facts.items():
+            if name not in FACTS:
+                raise TypeError(f"{type(self).__name__} has no fact {name!r}")
+            if value is not None:
+                setattr(self, name, value)
+        return self
+
+    def facts(self) -> dict[str, object]:
+        """Every fact this error knows, and its subclass's own attributes."""
+        known = {name: getattr(self, name) for name in FACTS if getattr(self, name) is not None}
+        known.update({k: v for k, v in vars(self).items() if not k.startswith("_") and v is not None})
+        return known
 
 
 # --- bad input -------------------------------------------------------------
@@ -161,14 +280,12 @@ class SlotsExhausted(SlotError):
     """
 
     def __init__(self, bus: str | None = None, hint: str | None = None, *, vm: str | None = None) -> None:
-        self.bus = bus
         self.hint = hint
-        self.vm = vm
         where = f" on bus {bus}" if bus else ""
         text = f"All PCI slots occupied{where}"
         if vm:
             text = f"VM {vm!r}: {text[0].lower()}{text[1:]}"
-        super().__init__(text + (f"; {hint}" if hint else ""))
+        super().__init__(text + (f"; {hint}" if hint else ""), bus=bus, vm=vm)
 
 
 class NoHotplugPort(SlotsExhausted):
@@ -191,16 +308,14 @@ class NoHotplugPort(SlotsExhausted):
 class SlotOccupied(SlotError):
     """The slot is already held (by one of our devices or one QEMU shows)."""
 
-    def __init__(self, slot: int, holder: str | None = None, bus: str | None = None) -> None:
-        self.slot = slot
+    def __init__(self, slot: int, holder: str | None = None, bus: str | None = None, *, vm: str | None = None) -> None:
         self.holder = holder
-        self.bus = bus
         text = f"Slot {slot} occupied"
         if bus:
             text += f" on bus {bus}"
         if holder:
             text += f" by {holder}"
-        super().__init__(text)
+        super().__init__(text, slot=slot, bus=bus, vm=vm)
 
 
 class SlotReserved(SlotOccupied):
@@ -220,10 +335,10 @@ class UnknownVM(StateError, LookupError):
     """No VM of that name is stored; the message says what to run (``plan`` or ``adopt``)."""
 
     def __init__(self, vm: str) -> None:
-        self.vm = vm
         super().__init__(
             f"No VM named {vm!r} in the state store: run 'kvmslots plan {vm} ...' before booting it, or "
-            f"'kvmslots adopt {vm} --qmp SOCKET' to take over a VM that is already running"
+            f"'kvmslots adopt {vm} --qmp SOCKET' to take over a VM that is already running",
+            vm=vm,
         )
 
 
@@ -243,11 +358,10 @@ class InvalidTransition(StateConflict):
     """A device state change the guest-device state machine does not allow (see ``model.TRANSITIONS``)."""
 
     def __init__(self, vm: str, uuid: str, state: str, target: str) -> None:
-        self.vm = vm
-        self.uuid = uuid
-        self.state = state
         self.target = target
-        super().__init__(f"Device {uuid} of VM {vm!r} cannot go from {state!r} to {target!r}")
+        super().__init__(
+            f"Device {uuid} of VM {vm!r} cannot go from {state!r} to {target!r}", vm=vm, uuid=uuid, state=state
+        )
 
 
 class VMBusy(StateError):
@@ -370,6 +484,8 @@ class MonitorTimeout(MonitorConnectionLost):
 class QemuCommandError(MonitorError):
     """QEMU answered a command with an error; ``qemu_message`` is its text."""
 
+    qemu_message: str
+
     def __init__(self, command: str, qemu_message: str, error_class: str | None = None) -> None:
         self.command = command
         self.qemu_message = qemu_message
@@ -382,16 +498,15 @@ class QemuCommandError(MonitorError):
 class HotplugError(KvmSlotsError):
     """A hot add or hot remove did not complete; the state was rolled back."""
 
-    def __init__(self, message: str, qemu_message: str | None = None) -> None:
-        self.qemu_message = qemu_message
-        super().__init__(message)
+    def __init__(self, message: str, qemu_message: str | None = None, **facts: object) -> None:
+        super().__init__(message, qemu_message=qemu_message, **facts)
 
 
 class DeviceAddFailed(HotplugError):
-    """``device_add`` failed or its result could not be confirmed."""
+    """``device_add`` failed or its result could not be confirmed; ``left`` says what stayed recorded."""
 
-    def __init__(self, message: str, qemu_message: str | None = None) -> None:
-        super().__init__(message if not qemu_message else f"{message}: {qemu_message}", qemu_message)
+    def __init__(self, message: str, qemu_message: str | None = None, **facts: object) -> None:
+        super().__init__(message if not qemu_message else f"{message}: {qemu_message}", qemu_message, **facts)
 
 
 class VerificationFailed(DeviceAddFailed):

@@ -277,6 +277,11 @@ class Device:
         """The ``addr`` property QEMU takes: ``0x5``, or ``0x5.1`` in a multifunction slot."""
         return f"{self.slot:#x}.{self.function}" if self.in_group else f"{self.slot:#x}"
 
+    def facts(self, vm: str) -> dict[str, Any]:
+        """What an error about this device carries (see :class:`~kvmslots.errors.KvmSlotsError`)."""
+        return {"vm": vm, "uuid": self.uuid, "device_id": self.qemu_id, "bus": self.bus, "slot": self.slot,
+                "state": self.state.value}
+
     def with_state(self, state: DeviceState) -> "Device":
         return replace(self, state=state)
 

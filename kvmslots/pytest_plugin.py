@@ -11,11 +11,18 @@ so a test suite only has to ask for the fixture::
 ``KVMSLOTS_ACCEL=kvm``) that acknowledges ACPI hot-unplug; its QMP socket is
 ``kvm_test_vm.qmp_path`` and ``kvm_test_vm.run(cmd)`` runs a shell command in
 it.  ``kvm_qtest_vm`` runs no guest code: the test plays (or withholds) the
-guest's eject with ``acpi_eject(slot)``.  The guest files come from
-``KVMSLOTS_GUEST_DIR`` or a checkout's ``runtime/out`` (``runtime/build-guest.sh``).
+guest's eject with ``acpi_eject(slot)``.
+
+The guest is built once per machine (or CI cache) with ``kvmslots guest
+build``: it downloads Debian's cloud kernel and busybox with ``apt-get
+download`` and writes ``vmlinuz`` and ``initramfs.cpio.gz`` into
+``$XDG_CACHE_HOME/kvmslots/guest`` (``~/.cache/kvmslots/guest``).  The fixtures
+look in ``$KVMSLOTS_GUEST_DIR`` when it is set, else in a source checkout's
+``runtime/out`` (developers), else in that per-user directory.
 
 When QEMU or the guest files are missing the fixtures fail, they never skip:
-a skipped hotplug test is green while testing nothing.
+a skipped hotplug test is green while testing nothing.  The failure names the
+command to run.
 """
 
 from __future__ import annotations
@@ -25,13 +32,19 @@ from pathlib import Path
 
 import pytest
 
+from .errors import GuestFilesMissing
 from .testvm import TestVM
 
 
 @pytest.fixture
 def kvm_test_vm(tmp_path: Path) -> Iterator[TestVM]:
     """A booted disposable guest with a QMP socket; stopped (and its QEMU gone) after the test."""
-    with TestVM(tmp_path / "kvm-test-vm", mode="guest") as vm:
+    try:
+        vm = TestVM(tmp_path / "kvm-test-vm", mode="guest")
+    except GuestFilesMissing as exc:
+        # A setup step the user has not done: say what to run, without a traceback into kvmslots.
+        pytest.fail(f"GuestFilesMissing: {exc}", pytrace=False)
+    with vm:
         yield vm
 
 

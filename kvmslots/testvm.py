@@ -7,7 +7,7 @@ hotplug manager therefore cannot be tested against a mock or a paused QEMU:
 removal would never complete. This module gives two kinds of throw-away VM:
 
 * ``mode="guest"`` boots a tiny Linux (Debian's cloud kernel + a busybox
-  initramfs, built by ``runtime/build-guest.sh``) that really acknowledges
+  initramfs, built by ``kvmslots guest build``) that really acknowledges
   ACPI unplug, and drives its shell over the serial console, so a test can
   also check what the guest sees in ``/sys/bus/pci/devices``.
 * ``mode="qtest"`` runs no guest code at all; the test plays the guest through
@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import IO
 
 from kvmslots.errors import GuestBootTimeout, GuestFilesMissing, InvalidSlot, TestVMError
+from kvmslots.guest import BUILD_COMMAND, GUEST_DIR_ENV, default_guest_dir
 
 __all__ = [
     "TestVM",
@@ -58,8 +59,9 @@ __all__ = [
 
 KERNEL_NAME = "vmlinuz"
 INITRAMFS_NAME = "initramfs.cpio.gz"
-_RUNTIME_DIR = Path(__file__).resolve().parent.parent / "runtime"
-_BUILD_SCRIPT = _RUNTIME_DIR / "build-guest.sh"
+#: A source checkout's guest (``bash runtime/build-guest.sh``), looked in before the per-user one.
+#: Only a checkout has ``runtime/build-guest.sh`` next to the package; an installed kvmslots has none.
+_CHECKOUT_RUNTIME = Path(__file__).resolve().parent.parent / "runtime"
 
 #: ACPI PCI hotplug eject register of the i440FX ``pc`` machine (0xae00 + 8).
 PC_ACPI_EJECT_PORT = 0xAE08
@@ -77,24 +79,35 @@ _PCI_ADDRESS = re.compile(r"([0-9a-f]{4}):([0-9a-f]{2}):([0-9a-f]{2})\.([0-7])")
 def find_guest_files(guest_dir: str | os.PathLike[str] | None = None) -> tuple[Path, Path]:
     """Return ``(kernel, initramfs)`` of the test guest.
 
-    The directory is the first of: the argument, ``$KVMSLOTS_GUEST_DIR``,
-    ``runtime/out`` of the source tree. Only that one is looked in: a directory
-    someone named explicitly must not be silently replaced by another guest.
+    Looked for in the first of: the argument, ``$KVMSLOTS_GUEST_DIR``; when
+    neither is given, a source checkout's ``runtime/out`` (for developers, if
+    it holds a guest), then the per-user ``$XDG_CACHE_HOME/kvmslots/guest``
+    (``~/.cache/kvmslots/guest``), where ``kvmslots guest build`` puts it. A
+    directory someone named explicitly is the only one looked in: it must not
+    be silently replaced by another guest. The error names the command that
+    builds the guest where it was looked for.
     """
     if guest_dir is not None:
-        directory, origin = Path(guest_dir), "the guest_dir argument"
-    elif os.environ.get("KVMSLOTS_GUEST_DIR"):
-        directory, origin = Path(os.environ["KVMSLOTS_GUEST_DIR"]), "$KVMSLOTS_GUEST_DIR"
+        candidates, origin = [Path(guest_dir)], "the guest_dir argument"
+    elif os.environ.get(GUEST_DIR_ENV):
+        candidates, origin = [Path(os.environ[GUEST_DIR_ENV])], f"${GUEST_DIR_ENV}"
     else:
-        directory, origin = _RUNTIME_DIR / "out", "the default location"
-    kernel, initramfs = directory / KERNEL_NAME, directory / INITRAMFS_NAME
-    missing = [p for p in (kernel, initramfs) if not p.is_file()]
-    if missing:
-        raise GuestFilesMissing(
-            f"test guest not built: missing {', '.join(map(str, missing))} (from {origin}). "
-            f"Build it with: {_BUILD_SCRIPT} {shlex.quote(str(directory))}"
-        )
-    return kernel, initramfs
+        candidates, origin = [default_guest_dir()], "the default location"
+        if (_CHECKOUT_RUNTIME / "build-guest.sh").is_file() and (_CHECKOUT_RUNTIME / "out").is_dir():
+            candidates.insert(0, _CHECKOUT_RUNTIME / "out")
+    for directory in candidates:
+        kernel, initramfs = directory / KERNEL_NAME, directory / INITRAMFS_NAME
+        if kernel.is_file() and initramfs.is_file():
+            return kernel, initramfs
+    directory = candidates[-1]  # the one the build command writes when given no directory
+    missing = [p for p in (directory / KERNEL_NAME, directory / INITRAMFS_NAME) if not p.is_file()]
+    also = "".join(f"; also looked in {other}" for other in candidates[:-1])
+    named = guest_dir is not None or bool(os.environ.get(GUEST_DIR_ENV))
+    command = f"{BUILD_COMMAND} {shlex.quote(str(directory))}" if named else BUILD_COMMAND
+    raise GuestFilesMissing(
+        f"test guest not built: missing {', '.join(map(str, missing))} (from {origin}{also}). "
+        f"Build it with: {command}"
+    )
 
 
 def qemu_binary() -> str:

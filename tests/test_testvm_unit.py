@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 from pathlib import Path
 
 import pytest
 
-from kvmslots import testvm
-from kvmslots.errors import GuestFilesMissing, InvalidSlot, TestVMError
+from kvmslots import guest, testvm
+from kvmslots.errors import GuestBuildFailed, GuestFilesMissing, InvalidSlot, TestVMError
 from kvmslots.testvm import TestVM, find_guest_files, parse_pci_addresses, qemu_binary, slots_on_bus
 
 LS_OUTPUT = "0000:00:00.0\n0000:00:01.0\n0000:00:01.1\n0000:00:01.3\n0000:00:02.0\n0000:00:03.0\n0000:01:1f.7\n"
@@ -54,6 +56,66 @@ def test_find_guest_files_prefers_argument_then_env_then_repo(
         find_guest_files(tmp_path / "elsewhere")
 
 
+def make_guest(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vmlinuz").write_bytes(b"kernel")
+    (directory / "initramfs.cpio.gz").write_bytes(b"initramfs")
+    return directory
+
+
+@pytest.fixture
+def places(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    """A fake checkout (runtime/build-guest.sh, empty runtime/out) and an empty per-user cache."""
+    runtime = tmp_path / "checkout" / "runtime"
+    (runtime / "out").mkdir(parents=True)
+    (runtime / "build-guest.sh").write_text("#!/bin/sh\n")
+    monkeypatch.setattr(testvm, "_CHECKOUT_RUNTIME", runtime)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return {"checkout": runtime / "out", "cache": tmp_path / "cache" / "kvmslots" / "guest", "env": tmp_path / "env"}
+
+
+def test_lookup_order_argument_env_checkout_then_user_cache(
+    places: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert guest.default_guest_dir() == places["cache"]
+    make_guest(places["cache"])
+    assert find_guest_files()[0] == places["cache"] / "vmlinuz"  # the checkout's runtime/out is empty
+    make_guest(places["checkout"])
+    assert find_guest_files()[0] == places["checkout"] / "vmlinuz"  # a checkout's guest comes first
+    monkeypatch.setenv("KVMSLOTS_GUEST_DIR", str(make_guest(places["env"])))
+    assert find_guest_files()[0] == places["env"] / "vmlinuz"
+    argument = make_guest(tmp_path / "argument")
+    assert find_guest_files(argument)[0] == argument / "vmlinuz"
+    monkeypatch.setenv("KVMSLOTS_GUEST_DIR", str(tmp_path / "empty"))
+    with pytest.raises(GuestFilesMissing):  # a named directory is never replaced by a default one
+        find_guest_files()
+
+
+def test_installed_package_looks_in_the_user_cache_and_names_the_command(
+    places: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An installed kvmslots: no runtime/build-guest.sh next to the package, even if a runtime/out exists.
+    (places["checkout"].parent / "build-guest.sh").unlink()
+    make_guest(places["checkout"])
+    with pytest.raises(GuestFilesMissing) as caught:
+        find_guest_files()
+    message = str(caught.value)
+    assert str(places["cache"] / "vmlinuz") in message
+    assert "checkout" not in message
+    assert message.endswith("Build it with: kvmslots guest build")
+    assert isinstance(caught.value, TestVMError)
+    make_guest(places["cache"])
+    assert find_guest_files() == (places["cache"] / "vmlinuz", places["cache"] / "initramfs.cpio.gz")
+
+
+def test_missing_everywhere_names_both_default_places(places: dict[str, Path]) -> None:
+    with pytest.raises(GuestFilesMissing) as caught:
+        TestVM(mode="guest")
+    message = str(caught.value)
+    assert f"also looked in {places['checkout']}" in message
+    assert message.endswith("Build it with: kvmslots guest build")
+
+
 def test_find_guest_files_error_names_paths_and_build_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "vmlinuz").write_bytes(b"kernel")
     monkeypatch.setenv("KVMSLOTS_GUEST_DIR", str(tmp_path))
@@ -63,8 +125,132 @@ def test_find_guest_files_error_names_paths_and_build_command(tmp_path: Path, mo
     assert str(tmp_path / "initramfs.cpio.gz") in message
     assert str(tmp_path / "vmlinuz") not in message  # that one exists
     assert "KVMSLOTS_GUEST_DIR" in message
-    assert "runtime/build-guest.sh" in message
+    assert message.endswith(f"Build it with: kvmslots guest build {tmp_path}")
     assert isinstance(caught.value, TestVMError)
+    with pytest.raises(GuestFilesMissing, match=r"guest_dir argument.*kvmslots guest build /no/such$"):
+        find_guest_files("/no/such")
+
+
+def test_default_guest_dir_follows_xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert guest.default_guest_dir() == tmp_path / "home" / ".cache" / "kvmslots" / "guest"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # not absolute: ignored, as the XDG spec says
+    assert guest.default_guest_dir() == tmp_path / "home" / ".cache" / "kvmslots" / "guest"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert guest.default_guest_dir() == tmp_path / "xdg" / "kvmslots" / "guest"
+    assert guest.default_work_dir() == tmp_path / "xdg" / "kvmslots" / "guest-work"
+    assert guest.guest_dir() == guest.default_guest_dir()
+    monkeypatch.setenv("KVMSLOTS_GUEST_DIR", str(tmp_path / "env"))
+    assert guest.guest_dir() == tmp_path / "env"  # building without a DIR builds where VMs look first
+
+
+# --- kvmslots guest build (the recipe itself is run for real by integration/test_wheel.py) ---
+
+
+def test_recipe_is_package_data_and_the_checkout_wrapper_calls_it() -> None:
+    assert guest.BUILD_SCRIPT.is_file() and guest.INIT_SCRIPT.is_file()
+    assert guest.BUILD_SCRIPT.parent == Path(guest.__file__).resolve().parent
+    root = Path(__file__).resolve().parent.parent
+    wrapper = (root / "runtime" / "build-guest.sh").read_text()
+    assert "kvmslots/guest" in wrapper and "apt-get" not in wrapper  # one recipe, not two
+    assert not (root / "runtime" / "init").exists()
+    setup_cfg = (root / "setup.cfg").read_text()
+    assert "kvmslots.guest = build-guest.sh, init" in setup_cfg
+
+
+FAKE_RECIPE = """#!/usr/bin/env bash
+# Stands in for build-guest.sh: records its arguments, then writes the guest or fails.
+printf '%s\\n' "$@" >"$FAKE_LOG"
+echo "fake: step one" >&2
+[[ -z "${FAKE_FAIL:-}" ]] || { echo "fake: cannot resolve linux-image-cloud-amd64" >&2; exit 3; }
+out=${@: -1}
+mkdir -p "$out"
+[[ -n "${FAKE_HALF:-}" ]] || echo kernel >"$out/vmlinuz"
+echo initramfs >"$out/initramfs.cpio.gz"
+echo "kernel:    $out/vmlinuz"
+"""
+
+
+@pytest.fixture
+def fake_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    recipe = tmp_path / "recipe" / "build-guest.sh"
+    recipe.parent.mkdir()
+    recipe.write_text(FAKE_RECIPE)
+    (recipe.parent / "init").write_text("#!/bin/sh\n")
+    monkeypatch.setattr(guest, "BUILD_SCRIPT", recipe)
+    monkeypatch.setattr(guest, "INIT_SCRIPT", recipe.parent / "init")
+    monkeypatch.setenv("FAKE_LOG", str(tmp_path / "args"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "args"
+
+
+def test_build_guest_defaults_to_the_user_cache(fake_recipe: Path, tmp_path: Path) -> None:
+    built = guest.build_guest()
+    assert built == tmp_path / "cache" / "kvmslots" / "guest"
+    assert (built / "vmlinuz").is_file()
+    work = tmp_path / "cache" / "kvmslots" / "guest-work"
+    assert fake_recipe.read_text().split() == ["--work", str(work), str(built)]
+    assert find_guest_files(built)[0] == built / "vmlinuz"
+
+
+def test_build_guest_failure_is_typed_and_carries_the_recipe_output(
+    fake_recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_FAIL", "1")
+    with pytest.raises(GuestBuildFailed, match=r"exit status 3[\s\S]*cannot resolve linux-image") as caught:
+        guest.build_guest(tmp_path / "out")
+    assert isinstance(caught.value, TestVMError)
+    monkeypatch.delenv("FAKE_FAIL")
+    monkeypatch.setenv("FAKE_HALF", "1")
+    with pytest.raises(GuestBuildFailed, match="did not write vmlinuz"):
+        guest.build_guest(tmp_path / "out")
+    monkeypatch.setattr(guest, "INIT_SCRIPT", tmp_path / "nothing")
+    with pytest.raises(GuestBuildFailed, match="reinstall kvmslots"):
+        guest.build_guest(tmp_path / "out")
+
+
+def guest_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvmslots")
+    parser.add_argument("--json", action="store_true")
+    guest.add_guest_parser(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def test_guest_build_command(
+    fake_recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kvmslots.cli import Output
+
+    args = guest_parser().parse_args(["guest", "build", str(tmp_path / "mine"), "--force", "--work-dir", "/w"])
+    assert args.func is guest.cmd_guest_build
+    assert args.func(args, None, Output(False)) == 0
+    out, err = capsys.readouterr()
+    assert out == f"{tmp_path / 'mine'}\n"  # only the directory on stdout: $(kvmslots guest build) works
+    assert "fake: step one" in err  # progress goes to stderr
+    assert fake_recipe.read_text().split() == ["--work", "/w", "--force", str(tmp_path / "mine")]
+
+    args = guest_parser().parse_args(["--json", "guest", "build", "-q"])
+    assert args.func(args, None, Output(True)) == 0
+    out, err = capsys.readouterr()
+    built = tmp_path / "cache" / "kvmslots" / "guest"
+    assert json.loads(out) == {
+        "directory": str(built), "kernel": str(built / "vmlinuz"), "initramfs": str(built / "initramfs.cpio.gz")
+    }
+    assert err == ""
+
+
+def test_guest_parser_documents_every_option() -> None:
+    parser = guest_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["guest"])  # a subcommand is required
+
+    def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+        return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+    build = subcommands(subcommands(parser)["guest"])["build"]
+    for action in build._actions:
+        assert action.help, f"{action.dest} has no help text"
 
 
 def test_qemu_binary_missing_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -138,3 +324,16 @@ def test_bad_arguments() -> None:
 
 def test_chardev_paths_escape_commas() -> None:
     assert testvm._chardev_path(Path("/tmp/a,b")) == "/tmp/a,,b"
+
+
+def test_plugin_fixture_fails_without_a_guest_and_names_the_command(
+    pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KVMSLOTS_GUEST_DIR", str(tmp_path / "no-guest"))
+    pytester.makepyfile(test_user="def test_hotplug(kvm_test_vm):\n    pass\n")
+    result = pytester.runpytest_subprocess()  # the plugin comes in through its pytest11 entry point
+    result.assert_outcomes(errors=1)  # an error at setup: never a skip, never a pass
+    result.stdout.fnmatch_lines(
+        [f"*GuestFilesMissing: test guest not built*Build it with: kvmslots guest build {tmp_path / 'no-guest'}*"]
+    )
+    result.stdout.no_fnmatch_line("*testvm.py:*")  # the reason, not a traceback into kvmslots

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from ..capabilities import QemuCapabilities, check_capabilities, check_qemu, hotplug_support, known_support
 from ..errors import (
+    KvmSlotsError,
     BusNotHotpluggable,
     DeviceAddFailed,
     DeviceExists,
@@ -97,7 +98,8 @@ async def hot_add(
         store.get_vm(vm)
         existing = find(store, vm, spec.uuid)
         if existing is not None:
-            raise DeviceExists(f"VM {vm!r} already has device {spec.uuid} as {existing.qemu_id} ({existing.state})")
+            raise DeviceExists(f"VM {vm!r} already has device {spec.uuid} as {existing.qemu_id} ({existing.state})",
+                               **existing.facts(vm))
         hostdev = host.claim(vm, spec)
         try:
             guest = await typed(monitor, spec.guest_spec(hostdev.address))
@@ -205,14 +207,16 @@ async def _add_units(
                 forget_all(store, vm, [d for devices, _ in reserved for d in devices])
                 log.warning("A slot of %s was taken behind our back; reading QEMU's view again", vm)
                 continue
-            raise await asyncio.shield(_undo(store, monitor, vm, reserved, added, None, undo_timeout, exc)) from exc
+            failure = await asyncio.shield(_undo(store, monitor, vm, reserved, added, None, undo_timeout, exc))
+            raise _left_behind(failure, store, vm, reserved) from exc
         except asyncio.CancelledError:
             _keep(monitor, None)
             await asyncio.shield(_undo(store, monitor, vm, reserved, added, in_flight, undo_timeout, "cancelled"))
             raise
         except BaseException as exc:
             _keep(monitor, None)
-            raise await asyncio.shield(_undo(store, monitor, vm, reserved, added, in_flight, undo_timeout, exc)) from exc
+            failure = await asyncio.shield(_undo(store, monitor, vm, reserved, added, in_flight, undo_timeout, exc))
+            raise _left_behind(failure, store, vm, reserved) from exc
         with store.transaction() as txn:
             for devices, _ in reserved:
                 for device in devices:
@@ -266,7 +270,8 @@ def _reserve(
                 existing = txn.find_device(vm, spec.uuid)
                 if existing is not None:
                     raise DeviceExists(
-                        f"VM {vm!r} already has device {spec.uuid} as {existing.qemu_id} ({existing.state})"
+                        f"VM {vm!r} already has device {spec.uuid} as {existing.qemu_id} ({existing.state})",
+                        **existing.facts(vm),
                     )
             bus = unit.bus
             if bus is not None and unit.slot is not None and bus in topo.buses:
@@ -332,6 +337,29 @@ async def _undo(
         text += " (" + "; ".join(notes) + ")"
     kind = type(cause) if isinstance(cause, DeviceAddFailed) else DeviceAddFailed  # keep VerificationFailed
     return kind(text, qemu_message if isinstance(cause, QemuCommandError) else None)
+
+
+def _left_behind(
+    failure: DeviceAddFailed, store: Store, vm: str, reserved: list[tuple[list[Device], int | None]]
+) -> DeviceAddFailed:
+    """The failure with its facts: the device (the first, for a batch) and ``left``, what stays recorded
+    after the undo (QEMU id -> state; empty when nothing was left behind)."""
+    devices = [d for group, _ in reserved for d in group]
+    left: dict[str, str] = {}
+    try:
+        for device in devices:
+            record = find(store, vm, device.uuid)
+            if record is not None:
+                left[record.qemu_id] = record.state.value
+    except KvmSlotsError as exc:  # the store is gone too: say what is known
+        log.error("Cannot read what a failed hot add of %s left behind: %s", vm, exc)
+        left = {d.qemu_id: "unknown" for d in devices}
+    first = devices[0]
+    new_state = left.get(first.qemu_id)
+    return failure.add_facts(
+        vm=vm, uuid=first.uuid, device_id=first.qemu_id, bus=first.bus, slot=first.slot, state="attaching",
+        new_state=new_state if new_state is not None else "released", left=left,
+    )
 
 
 def _cause_text(cause: object, device: Device) -> str:

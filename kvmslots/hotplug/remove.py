@@ -101,7 +101,8 @@ async def _hot_del(store: Store, monitor: MonitorLike, vm: str, uuid: str, timeo
         requested = txn.unplug_requested(vm)
         for device in group:
             if device.state is DeviceState.ATTACHING:
-                raise StateConflict(f"{device.qemu_id} is still being attached; retry, or run reconcile after a crash")
+                raise StateConflict(f"{device.qemu_id} is still being attached; retry, or run reconcile after a crash",
+                                    **device.facts(vm))
         # a second hot_del of a pending unplug keeps what is known: QEMU has the request
         was_requested = all(d.state is DeviceState.DETACHING and d.uuid in requested for d in group)
         for device in group:

@@ -155,7 +155,7 @@ class SqlTransaction:
     def get_device(self, vm: str, uuid: str) -> Device:
         device = self.find_device(vm, uuid)
         if device is None:
-            raise UnknownDevice(f"VM {vm!r} has no device with UUID {uuid}")
+            raise UnknownDevice(f"VM {vm!r} has no device with UUID {uuid}", vm=vm, uuid=uuid)
         return device
 
     def add_device(self, vm: str, device: Device) -> None:
@@ -174,24 +174,29 @@ class SqlTransaction:
         ).fetchall()
         for other in sorted(map(_row_to_device, rows), key=_device_order):
             if other.uuid == device.uuid:
-                raise DeviceExists(f"VM {vm!r} already has a device with UUID {device.uuid} ({other.qemu_id})")
+                raise DeviceExists(f"VM {vm!r} already has a device with UUID {device.uuid} ({other.qemu_id})",
+                                   **other.facts(vm))
             if other.qemu_id == device.qemu_id:
-                raise DeviceExists(f"VM {vm!r} already has a device with the id {device.qemu_id} ({other.uuid})")
+                raise DeviceExists(f"VM {vm!r} already has a device with the id {device.qemu_id} ({other.uuid})",
+                                   **other.facts(vm))
             if other.bus == device.bus and other.slot == device.slot and (
                 other.function == device.function or not (other.in_group and device.in_group)
             ):
-                raise StateConflict(f"Slot {device.slot} on {device.bus} is already held by {other.qemu_id}")
+                raise StateConflict(f"Slot {device.slot} on {device.bus} is already held by {other.qemu_id}",
+                                    **other.facts(vm))
             if uuid8(other.uuid) == uuid8(device.uuid) and other.slot == device.slot:
                 raise DeviceExists(
                     f"{device.uuid} and {other.uuid} share their first UUID group and slot {device.slot}: "
-                    f"their ids would collide ({other.qemu_id})"
+                    f"their ids would collide ({other.qemu_id})",
+                    **other.facts(vm),
                 )
         held = self.execute(
             "SELECT id FROM controllers WHERE vm = ? AND bus = ? AND slot = ? ORDER BY chassis LIMIT 1",
             (vm, device.bus, device.slot),
         ).fetchone()
         if held is not None:
-            raise StateConflict(f"Slot {device.slot} on {device.bus} is held by {held[0]}")
+            raise StateConflict(f"Slot {device.slot} on {device.bus} is held by {held[0]}",
+                                vm=vm, bus=device.bus, slot=device.slot, device_id=held[0])
         self.execute(
             "INSERT INTO devices (vm, uuid, uuid8, dev_type, driver, props, bus, slot, state, function, multifunction, "
             "qemu_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -221,7 +226,7 @@ class SqlTransaction:
         state = DeviceState(state)
         row = self.execute("SELECT state FROM devices WHERE vm = ? AND uuid = ?", (vm, uuid)).fetchone()
         if row is None:
-            raise UnknownDevice(f"VM {vm!r} has no device with UUID {uuid}")
+            raise UnknownDevice(f"VM {vm!r} has no device with UUID {uuid}", vm=vm, uuid=uuid)
         if state not in TRANSITIONS[DeviceState(row[0])]:
             raise InvalidTransition(vm, uuid, row[0], state.value)
         requested = bool(unplug_requested) and state is DeviceState.DETACHING
