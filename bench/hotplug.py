@@ -175,7 +175,9 @@ def _q35(tmp: Path, store: Store, name: str, native: bool, rounds: int, guest_ro
         return asyncio.run(_q35_rounds(vm, store, name, ports, rounds, guest_rounds, native))
 
 
-def run(rounds: int = 50, batch_rounds: int = 8, poll_rounds: int = 5, q35_rounds: int = 30, native_rounds: int = 2) -> None:
+def run(
+    rounds: int = 50, batch_rounds: int = 8, poll_rounds: int = 5, q35_rounds: int = 30, native_rounds: int = 2
+) -> None:
     note("hotplug: booting a TCG guest ...")
     with tempfile.TemporaryDirectory(prefix="kvmslots-bench-") as tmp, Store(Path(tmp) / "state") as store:
         store.define_vm(VMSpec("bench"))

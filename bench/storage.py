@@ -170,9 +170,12 @@ class HostOps:
         for name in names:
             requests = _requests("vf:1", VF_ALIAS)  # made by the API, not by the compute host: untimed
             claims.append(self._timed(
-                "claim+allocate", lambda: (tracker.claim_instance(name, requests), tracker.allocate_instance(name))
+                "claim+allocate",
+                lambda name=name, requests=requests: (
+                    tracker.claim_instance(name, requests), tracker.allocate_instance(name)
+                ),
             ))
-        frees = [self._timed("free", lambda: tracker.free_instance(name)) for name in names]
+        frees = [self._timed("free", lambda name=name: tracker.free_instance(name)) for name in names]
         return claims, frees
 
     def block(self, hot_adds: int, syncs: int, claims: int) -> dict[str, list[float]]:
@@ -282,7 +285,8 @@ def _pg_server() -> Iterator[str | None]:
 
 
 def _database_url(url: str, database: str) -> str:
-    """*url* naming another database (text surgery: ``urlunsplit`` would turn ``postgresql:///db`` into ``postgresql:/db``)."""
+    """*url* naming another database (text surgery: ``urlunsplit`` would turn ``postgresql:///db``
+    into ``postgresql:/db``)."""
     parts = urllib.parse.urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}/{database}" + (f"?{parts.query}" if parts.query else "")
 
@@ -388,23 +392,26 @@ def _probed(host: HostOps, rounds: int = 20, syncs: int = 3) -> dict[str, dict[s
     names = [f"probe-{n}" for n in range(rounds)]
     requests = {name: _requests("vf:1", VF_ALIAS) for name in names}
     with _Probe(host.store) as probe:
-        claimed = [timed(lambda: (host.tracker.claim_instance(n, requests[n]), host.tracker.allocate_instance(n)))
+        claimed = [timed(lambda n=n: (host.tracker.claim_instance(n, requests[n]), host.tracker.allocate_instance(n)))
                    for n in names]
         out["claim+allocate"] = _split(probe, claimed)
     with _Probe(host.store) as probe:
-        out["free"] = _split(probe, [timed(lambda: host.tracker.free_instance(n)) for n in names])
+        out["free"] = _split(probe, [timed(lambda n=n: host.tracker.free_instance(n)) for n in names])
     return out
 
 
 def _split(probe: _Probe, samples: list[float]) -> dict[str, float]:
     rounds, total = len(samples), sum(samples)
-    note(f"storage: PostgreSQL statements per operation, by time inside psycopg ({rounds} rounds):\n" + probe.top(rounds))
+    note(f"storage: PostgreSQL statements per operation, by time inside psycopg ({rounds} rounds):\n"
+         + probe.top(rounds))
     return {"statements": round(probe.statements / rounds, 1), "mean_us": round(total / rounds * 1e6, 1),
             "in_psycopg_us": round(min(probe.seconds, total) / rounds * 1e6, 1)}
 
 
 # -- section 1 ------------------------------------------------------------------------------------
-def _per_host(tmp: Path, server: str | None, reps: int = 12, hot_adds: int = 30, syncs: int = 3, claims: int = 30) -> None:
+def _per_host(
+    tmp: Path, server: str | None, reps: int = 12, hot_adds: int = 30, syncs: int = 3, claims: int = 30
+) -> None:
     samples: dict[str, dict[str, list[float]]] = {"sqlite": {op: [] for op in OPS}, "pg": {op: [] for op in OPS}}
     floors: dict[str, list[float]] = {"sqlite": [], "pg": [], "pg_nosync": [], "pg_rtt": []}
     with contextlib.ExitStack() as stack:
@@ -443,7 +450,8 @@ def _per_host(tmp: Path, server: str | None, reps: int = 12, hot_adds: int = 30,
         emit("storage.floor.pg_rtt: one SELECT 1 round trip vs the PG floor", floors["pg_rtt"], floors["pg"], unit="us")
     for op in OPS:
         unit, what = UNITS[op], WHAT[op]
-        emit(f"storage.sqlite.{op}: {what}; vs bare SQLite INSERT+COMMIT", samples["sqlite"][op], floors["sqlite"], unit=unit)
+        emit(f"storage.sqlite.{op}: {what}; vs bare SQLite INSERT+COMMIT", samples["sqlite"][op], floors["sqlite"],
+             unit=unit)
         if server is None:
             continue
         details: dict[str, Any] = dict(probe[op])
@@ -462,7 +470,8 @@ def _cluster_host() -> list[dict[str, Any]]:
     from kvmslots.pci.discovery import make_record
     from kvmslots.pci.fakehost import sriov_topology
 
-    devices: list[dict[str, Any]] = [dict(d) for d in sriov_topology(pfs=CLUSTER_PFS, vfs_per_pf=CLUSTER_VFS_PER_PF, plain=0)]
+    topology = sriov_topology(pfs=CLUSTER_PFS, vfs_per_pf=CLUSTER_VFS_PER_PF, plain=0)
+    devices: list[dict[str, Any]] = [dict(d) for d in topology]
     for i in range(CLUSTER_GPUS):
         devices.append(dict(make_record(PciAddress(0, 0x41 + 0x10 * i, 0, 0), "10de", "20b5", DEV_TYPE_PCI,
                                         numa_node=i * 2 // CLUSTER_GPUS, iommu_group=1000 + i)))
@@ -497,7 +506,8 @@ def _populate(url: str) -> tuple[int, int]:
                 "UPDATE pci_devices d SET status = 'allocated', instance_uuid = 'vm-' || d.node "
                 "FROM (SELECT node, address, row_number() OVER (PARTITION BY node ORDER BY address) AS rn "
                 "      FROM pci_devices WHERE vendor_id = %s AND dev_type <> 'type-PF') r "
-                "WHERE d.node = r.node AND d.address = r.address AND r.rn <= mod(CAST(substr(r.node, 6) AS INTEGER), %s)",
+                "WHERE d.node = r.node AND d.address = r.address "
+                "AND r.rn <= mod(CAST(substr(r.node, 6) AS INTEGER), %s)",
                 (vendor, modulo))
         # as the tracker does: a PF whose VF is allocated is unavailable
         conn.execute(
@@ -574,7 +584,7 @@ def _cluster(server: str | None, rounds: int = 20) -> None:
                     samples["reads"].append(timed(reads))
                 samples["in_psycopg"].append(probe.seconds)
                 inventory = cluster_pools(store)
-                samples["fit"].append(timed(lambda: fitting_hosts(inventory, requests)))
+                samples["fit"].append(timed(lambda inventory=inventory: fitting_hosts(inventory, requests)))
             server_ms = _explain(store)
             with store.reading() as txn:
                 pools = len(txn.free_pools(None))
@@ -593,7 +603,8 @@ def _cluster(server: str | None, rounds: int = 20) -> None:
              python_decode_ms=ms(decode), server_execution_ms=server_ms)
         emit("storage.cluster.fit: fitting_hosts over pools already read (Python) vs hosts_for", samples["fit"],
              samples["hosts_for"])
-        emit("storage.cluster.gc: garbage collection inside hosts_for vs hosts_for", samples["gc"], samples["hosts_for"])
+        emit("storage.cluster.gc: garbage collection inside hosts_for vs hosts_for", samples["gc"],
+             samples["hosts_for"])
         if median(samples["hosts_for"]) > 0.1:
             with Store(url) as store:
                 _profile(lambda: hosts_for(store, requests))
@@ -610,7 +621,10 @@ def _explain(store: Store) -> dict[str, float]:
         if not sql.lstrip().upper().startswith("SELECT"):
             continue
         plan = probe.conn.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}").fetchone()[0][0]
-        label = "free_pools" if "GROUP BY node, vendor_id" in sql else ("hosts_count" if "COUNT" in sql else "hosts_rows")
+        if "GROUP BY node, vendor_id" in sql:
+            label = "free_pools"
+        else:
+            label = "hosts_count" if "COUNT" in sql else "hosts_rows"
         out[label] = round(plan["Execution Time"], 2)
     return out
 
@@ -628,7 +642,8 @@ _WORKER = """
 import importlib.util, sys
 tree, bench, state = sys.argv[1:4]
 sys.path[:] = [tree] + [p for p in sys.path if p not in ("", tree)]
-spec = importlib.util.spec_from_file_location("kvmslots_bench", bench + "/__init__.py", submodule_search_locations=[bench])
+spec = importlib.util.spec_from_file_location("kvmslots_bench", bench + "/__init__.py",
+                                              submodule_search_locations=[bench])
 package = importlib.util.module_from_spec(spec)
 sys.modules["kvmslots_bench"] = package
 spec.loader.exec_module(package)
@@ -739,7 +754,8 @@ def _before_after(tmp: Path, processes: int = 2, blocks: int = 24, hot_adds: int
                         for side in sides:
                             wall[side][op] += got[side]["wall"][op]
                             cpu[side][op] += got[side]["cpu"][op]
-                        pairs[op].append(statistics.median(got["new"]["wall"][op]) / statistics.median(got["old"]["wall"][op]))
+                        new, old = (statistics.median(got[side]["wall"][op]) for side in ("new", "old"))
+                        pairs[op].append(new / old)
             finally:
                 for worker in workers.values():
                     worker.close()
@@ -751,9 +767,10 @@ def _before_after(tmp: Path, processes: int = 2, blocks: int = 24, hot_adds: int
              wall["new"][op], wall["old"][op], unit=UNITS[op], target="<= 1.1x", limit=1.1,
              paired_ratio=round(statistics.median(pairs[op]), 3),
              paired_ratio_quartiles=[round(q, 3) for q in statistics.quantiles(pairs[op], n=4)[::2]],
-             cpu_us_new=round(cpu_new * 1e6, 1), cpu_us_old=round(cpu_old * 1e6, 1), cpu_ratio=round(cpu_new / cpu_old, 3))
-    note(f"storage: first sync of {VFS} VFs (one per process, informative): new "
-         f"{', '.join(f'{x * 1e3:.0f}' for x in initial['new'])} ms, old {', '.join(f'{x * 1e3:.0f}' for x in initial['old'])} ms")
+             cpu_us_new=round(cpu_new * 1e6, 1), cpu_us_old=round(cpu_old * 1e6, 1),
+             cpu_ratio=round(cpu_new / cpu_old, 3))
+    new_ms, old_ms = (", ".join(f"{x * 1e3:.0f}" for x in initial[side]) for side in ("new", "old"))
+    note(f"storage: first sync of {VFS} VFs (one per process, informative): new {new_ms} ms, old {old_ms} ms")
 
 
 def _load() -> str:

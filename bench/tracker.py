@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import tempfile
 import uuid
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -60,25 +61,22 @@ def run(instances: int = 200) -> None:
             current["initial sync"] = []
             for rep in range(3):
                 tracker = PciDevTracker(Store(Path(tmp) / f"s{rep}"), whitelist)
-                current["initial sync"].append(timed(lambda: tracker.update_devices_from_hypervisor_resources(devices)))
-            current["steady sync"] = [
-                timed(lambda: tracker.update_devices_from_hypervisor_resources(devices)) for _ in range(15)
-            ]
+                sync = tracker.update_devices_from_hypervisor_resources
+                current["initial sync"].append(timed(partial(sync, devices)))
+            current["steady sync"] = [timed(partial(sync, devices)) for _ in range(15)]
             churn = [_churned(devices, r) for r in range(2)]
             current["1% gone + 1% new sync"] = []
             for r in range(10):
-                current["1% gone + 1% new sync"].append(
-                    timed(lambda: tracker.update_devices_from_hypervisor_resources(churn[r % 2]))
-                )
+                current["1% gone + 1% new sync"].append(timed(partial(sync, churn[r % 2])))
             tracker.update_devices_from_hypervisor_resources(devices)
             current["claim+allocate"] = []
             for n in range(instances):
                 vm = f"vm-{n}"
                 current["claim+allocate"].append(
-                    timed(lambda: (tracker.claim_instance(vm, [_vf_request()]), tracker.allocate_instance(vm)))
+                    timed(lambda vm=vm, t=tracker: (t.claim_instance(vm, [_vf_request()]), t.allocate_instance(vm)))
                 )
-            current["free"] = [timed(lambda: tracker.free_instance(f"vm-{n}")) for n in range(instances)]
-            current["pool listing"] = [timed(lambda: list(tracker.pci_stats)) for _ in range(30)]
+            current["free"] = [timed(partial(tracker.free_instance, f"vm-{n}")) for n in range(instances)]
+            current["pool listing"] = [timed(lambda t=tracker: list(t.pci_stats)) for _ in range(30)]
         for op, samples in current.items():
             targets: dict[str, Any] = {}
             if size == 4096 and op == "steady sync":

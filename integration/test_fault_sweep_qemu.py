@@ -34,8 +34,18 @@ from typing import Any, Awaitable, Callable
 
 import pytest
 
-from kvmslots import DeviceAddFailed, DeviceSpec, DeviceState, Monitor, Store, VMSpec
-from kvmslots import hot_add, hot_add_many, hot_del, reconcile
+from kvmslots import (
+    DeviceAddFailed,
+    DeviceSpec,
+    DeviceState,
+    Monitor,
+    Store,
+    VMSpec,
+    hot_add,
+    hot_add_many,
+    hot_del,
+    reconcile,
+)
 from kvmslots.devid import parse_device_id
 from kvmslots.errors import InvalidDeviceId, KvmSlotsError
 from kvmslots.passthrough import HostDevices, PassthroughSpec
@@ -261,7 +271,7 @@ def test_every_message_of_an_operation_survives_stall_drop_and_kill(guest, tmp_p
             for index in range(1, counts[direction] + 1):
                 arg = asyncio.run(_start(ctx, case))
                 child: list[multiprocessing.process.BaseProcess] = []
-                kill = (lambda: os.kill(child[0].pid, signal.SIGKILL)) if action == "kill" else None
+                kill = (lambda child=child: os.kill(child[0].pid, signal.SIGKILL)) if action == "kill" else None
                 proxy.arm(direction, index, when, action, kill=kill)
                 where = f"{name}: {action} {when} {direction} #{index}"
                 code = _run_child(fork, case.operation, ctx, proxy, arg, outcomes, child)
@@ -302,5 +312,6 @@ def _run_child(fork: Any, operation: Operation, ctx: Context, proxy: QmpFaultPro
         child.kill()
         child.join()
         pytest.fail(f"the child hung (an unbounded wait?)\n{proxy.describe()}")
-    outcomes[{0: "ok", EXIT_KVMSLOTS_ERROR: "kvmslots error", -signal.SIGKILL: "killed"}.get(child.exitcode, "other")] += 1
+    names = {0: "ok", EXIT_KVMSLOTS_ERROR: "kvmslots error", -signal.SIGKILL: "killed"}
+    outcomes[names.get(child.exitcode, "other")] += 1
     return int(child.exitcode)

@@ -140,7 +140,9 @@ class RacingMonitor(Monitor):
     async def pci(self, **kw):
         view = await super().pci(**kw)
         if self.slot is not None:
-            await self.execute("device_add", {"driver": "pci-testdev", "id": f"racer{self.slot}", "addr": hex(self.slot)})
+            await self.execute(
+                "device_add", {"driver": "pci-testdev", "id": f"racer{self.slot}", "addr": hex(self.slot)}
+            )
             self.slot = None
         return view
 
@@ -337,7 +339,9 @@ def test_a_crash_between_steps_is_repaired_by_reconcile(
     with Store(state_dir) as store:
         store.define_vm(VMSpec("vm1"))
     ctx = multiprocessing.get_context("spawn")
-    child = ctx.Process(target=_crash_during, args=(str(state_dir), str(guest_vm.qmp_path), command, when, 1, remove_first))
+    child = ctx.Process(
+        target=_crash_during, args=(str(state_dir), str(guest_vm.qmp_path), command, when, 1, remove_first)
+    )
     child.start()
     child.join(120)
     assert child.exitcode == 9

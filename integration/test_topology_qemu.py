@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 
 import kvmslots
-
 from kvmslots import (
     BusNotHotpluggable,
     ControllerKind,
@@ -36,13 +35,13 @@ from kvmslots import (
     Store,
     UnsupportedMachine,
     VMSpec,
+    capabilities,
     hot_add,
     hot_add_group,
     hot_del,
     plan_boot,
     reconcile,
 )
-from kvmslots import capabilities
 from kvmslots.errors import QemuCommandError
 from kvmslots.testvm import TestVM, qemu_binary
 
@@ -382,7 +381,7 @@ def test_qemu_too_old_or_without_device_add_is_refused_and_the_hmp_version_is_re
     # through the monitor's per-connection cache: the refusal path from there on is the real one.
     version = _version_from_binary()
     assert capabilities.parse_info_version("7.2.22Debian 1:7.2+dfsg-7\r\n") == (7, 2, 22)
-    assert capabilities.parse_info_version("QEMU 2.5.0") == (2, 5, 0)  # the seed's older form
+    assert capabilities.parse_info_version("QEMU 2.5.0") == (2, 5, 0)  # the older form Ganeti 2.10's hv_kvm parsed
     assert capabilities.parse_info_version("no version here") is None
     with Store(tmp_path / "state") as store:
         store.define_vm(VMSpec("vm1"))
@@ -454,9 +453,9 @@ def test_machine_types_of_the_binary_and_the_default_reservations_match_qemu(tmp
             reserved = {slot for slot, bit in enumerate(spec.mask) if bit == "1"}
             with TestVM(tmp_path / f"vm{index}", mode="qtest", machine=machine, extra_args=extra) as vm:
 
-                async def look():
+                async def look(name: str = spec.name):
                     async with Monitor(vm.qmp_path) as mon:
-                        return await mon.query_pci(), await reconcile(store, mon, spec.name)
+                        return await mon.query_pci(), await reconcile(store, mon, name)
 
                 view, report = run(look())
             shown = {f.slot for f in view.functions if f.bus == 0}

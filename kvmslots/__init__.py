@@ -3,7 +3,8 @@
 A VM lifecycle manager calls :func:`plan_boot` before it starts a VM (every
 device gets a stored slot and a ``<type>-<uuid8>-pci-<slot>`` id, and the
 ``-device`` arguments come back), and :func:`hot_add` / :func:`hot_del` /
-:func:`reconcile` while it runs.  Occupancy always combines the VM's
+:func:`reconcile` while it runs; :func:`adopt` takes over a VM that is
+already running.  Occupancy always combines the VM's
 reservation mask, our records and QEMU's live ``query-pci``; a slot is
 released only when QEMU confirms the removal.
 
@@ -15,15 +16,17 @@ from __future__ import annotations
 
 import logging
 
+from .capabilities import QemuCapabilities
 from .devid import device_id, parse_device_id
 from .errors import *  # noqa: F401,F403 - the exception tree is part of the API
 from .errors import __all__ as _errors_all
-from .capabilities import QemuCapabilities
 from .hotplug import (
+    AdoptReport,
     BootPlan,
     HotDelResult,
     HotDelStatus,
     ReconcileReport,
+    adopt,
     hot_add,
     hot_add_group,
     hot_add_many,
@@ -33,14 +36,14 @@ from .hotplug import (
     watch_unplugs,
 )
 from .model import Controller, ControllerKind, Device, DeviceGroup, DeviceSpec, DeviceState, Machine, VMSpec
-from .topology import Topology
 from .monitor import Monitor
 from .pciview import PciFunction, PciOccupancy, parse_info_pci, parse_query_pci
 from .slots import DEFAULT_PCI_RESERVATIONS, SlotMap
 from .store import Store
 from .sync import SlotManager
+from .topology import Topology
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = [
     "plan_boot",
@@ -50,6 +53,8 @@ __all__ = [
     "hot_del",
     "reconcile",
     "watch_unplugs",
+    "adopt",
+    "AdoptReport",
     "SlotManager",
     "Store",
     "Monitor",

@@ -5,7 +5,7 @@ sending ``device_add`` and undoing.  Here the facts are read up front and
 kept on the monitor for the life of its connection:
 
 - the version, from the QMP greeting, else ``query-version``, else HMP
-  ``info version`` (where only HMP answers; parsed as the seed did);
+  ``info version`` (where only HMP answers; parsed as Ganeti 2.10's hv_kvm does);
 - the commands (``query-commands``): ``device_add``/``device_del`` must exist;
 - the machine type (``qom-get /machine type``: ``pc-q35-7.2-machine``), which
   must be the one the VM was planned for (an unversioned plan, ``pc`` or
@@ -28,7 +28,6 @@ import functools
 import re
 import subprocess
 from dataclasses import dataclass
-from typing import Any
 
 from .errors import (
     MachineMismatch,
@@ -38,7 +37,7 @@ from .errors import (
     UnsupportedMachine,
 )
 from .model import Machine, VMSpec, machine_family
-from .monitor import MonitorLike
+from .monitor import GreetsWithVersion, KeepsConnectionFacts, MonitorLike, RunsQmp
 from .pciview import PciOccupancy
 from .topology import NO_HOTPLUG_PCIE_ROOT
 
@@ -59,7 +58,8 @@ __all__ = [
 #: The oldest QEMU kvmslots is tested against (Debian 12's); older ones are refused.
 MIN_QEMU_VERSION = (7, 2, 0)
 REQUIRED_COMMANDS = ("device_add", "device_del")
-#: The seed's HMP version parse: ``info version`` prints ``7.2.22Debian 1:7.2+dfsg...`` (older: ``QEMU 2.5.0``).
+#: Ganeti 2.10's hv_kvm HMP version parse: ``info version`` prints ``7.2.22Debian 1:7.2+dfsg...``
+#: (older: ``QEMU 2.5.0``).
 _INFO_VERSION_RE = re.compile(r"^\s*(?:QEMU\s+)?([0-9]{1,5})\.([0-9]{1,5})\.([0-9]{1,5})(?![0-9])", re.ASCII)
 _ROOT_PATHS = {Machine.I440FX: "/machine/i440fx/pci.0", Machine.Q35: "/machine/q35/pcie.0"}
 
@@ -91,28 +91,28 @@ async def probe(monitor: MonitorLike) -> QemuCapabilities | None:
     None for a monitor that cannot run arbitrary commands (a fault-injecting
     stand-in in tests).
     """
-    cached = getattr(monitor, "capabilities", None)
-    if isinstance(cached, QemuCapabilities):
-        return cached
-    execute = getattr(monitor, "execute", None)
-    if execute is None:
+    if isinstance(monitor, KeepsConnectionFacts) and isinstance(monitor.capabilities, QemuCapabilities):
+        return monitor.capabilities
+    if not isinstance(monitor, RunsQmp):
         return None
-    version = getattr(monitor, "greeting_version", None)
+    version = monitor.greeting_version if isinstance(monitor, GreetsWithVersion) else None
     if version is None:
         version = await _version(monitor)
-    commands = frozenset(str(c.get("name")) for c in await execute("query-commands") if isinstance(c, dict))
+    replies = await monitor.execute("query-commands")
+    commands = frozenset(str(c.get("name")) for c in replies if isinstance(c, dict))
     machine: str | None
     try:
-        qom_type = await execute("qom-get", {"path": "/machine", "property": "type"})
+        qom_type = await monitor.execute("qom-get", {"path": "/machine", "property": "type"})
         machine = qom_type.removesuffix("-machine") if isinstance(qom_type, str) else None
     except QemuCommandError:
         machine = None
     caps = QemuCapabilities(version, commands, machine)
-    monitor.capabilities = caps  # type: ignore[attr-defined]
+    if isinstance(monitor, KeepsConnectionFacts):
+        monitor.capabilities = caps
     return caps
 
 
-async def _version(monitor: Any) -> tuple[int, int, int]:
+async def _version(monitor: RunsQmp) -> tuple[int, int, int]:
     try:
         reply = await monitor.execute("query-version")
         qemu = reply["qemu"]
@@ -167,9 +167,9 @@ async def hotplug_support(monitor: MonitorLike, vm: VMSpec, view: PciOccupancy) 
     Answers are kept on the monitor for its connection (a bus's hotplug
     handler is fixed when QEMU creates it).
     """
-    if getattr(monitor, "execute", None) is None:
+    if not isinstance(monitor, RunsQmp):
         return {}
-    known: dict[str, str | None] = getattr(monitor, "bus_hotplug", {})
+    known: dict[str, str | None] = monitor.bus_hotplug if isinstance(monitor, KeepsConnectionFacts) else {}
     wanted = [vm.root_bus, *_view_buses(view)]
     missing = [bus for bus in wanted if bus not in known]
     if missing:
@@ -181,7 +181,7 @@ async def hotplug_support(monitor: MonitorLike, vm: VMSpec, view: PciOccupancy) 
 def known_support(monitor: MonitorLike, view: PciOccupancy) -> dict[str, str | None] | None:
     """The answers kept on this connection when they already cover every bus in *view* (no I/O),
     else None: then :func:`hotplug_support` must ask QEMU."""
-    known: dict[str, str | None] | None = getattr(monitor, "bus_hotplug", None)
+    known = monitor.bus_hotplug if isinstance(monitor, KeepsConnectionFacts) else None
     if not known or any(bus not in known for bus in _view_buses(view)):
         return None
     return dict(known)
@@ -192,7 +192,7 @@ def _view_buses(view: PciOccupancy) -> list[str]:
     return [f.qdev_id for f in view.functions if f.secondary_bus is not None and f.qdev_id]
 
 
-async def _bus_hotplug(monitor: Any, vm: VMSpec, bus: str) -> str | None:
+async def _bus_hotplug(monitor: RunsQmp, vm: VMSpec, bus: str) -> str | None:
     """None when QEMU can hot-plug on *bus*, else why not."""
     root = bus == vm.root_bus
     path = _ROOT_PATHS[vm.family] if root else f"/machine/peripheral/{bus}/{bus}"
@@ -248,11 +248,13 @@ def binary_machines(binary: str) -> dict[str, str]:
 
 
 def check_machine_available(machine: str, binary: str) -> str:
-    """*machine* if the QEMU *binary* has it (its resolved name otherwise unused); :class:`UnsupportedMachine` if not."""
+    """*machine* if the QEMU *binary* has it (its resolved name otherwise unused); :class:`UnsupportedMachine`
+    if not."""
     family = machine_family(machine)
     known = binary_machines(binary)
     if machine not in known:
-        offered = tuple(sorted((n for n in known if _is_supported(n)), key=lambda n: (machine_family(n) is not family, n)))
+        supported = (n for n in known if _is_supported(n))
+        offered = tuple(sorted(supported, key=lambda n: (machine_family(n) is not family, n)))
         raise UnsupportedMachine(
             f"{binary} has no machine type {machine!r}; it offers {', '.join(offered[:8])}"
             + (", ..." if len(offered) > 8 else ""),

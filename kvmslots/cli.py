@@ -31,6 +31,7 @@ from .monitor import Monitor, command_timeout_from_env, validate_timeout
 from .pciview import PciOccupancy
 from .slots import NUM_SLOTS
 from .store import DATABASE_URL_ENV, Store
+from .sync import with_monitor
 from .topology import Topology
 
 __all__ = ["main"]
@@ -153,11 +154,7 @@ def _qemu_binary(args: argparse.Namespace) -> str | None:
 
 
 def _with_monitor(args: argparse.Namespace, work: Callable[[Monitor], Awaitable[T]]) -> T:
-    async def run() -> T:
-        async with Monitor(args.qmp, connect_timeout=args.connect_timeout, command_timeout=args.qmp_timeout) as mon:
-            return await work(mon)
-
-    return asyncio.run(run())
+    return with_monitor(args.qmp, work, connect_timeout=args.connect_timeout, command_timeout=args.qmp_timeout)
 
 
 def _seconds(text: str, what: str, *, allow_zero: bool = True) -> float:
@@ -191,6 +188,11 @@ def cmd_plan(args: argparse.Namespace, store: Store, out: Output) -> int:
     units = _group_devices([_parse_device(text) for text in args.device], args.group)
     vm: VMSpec | str = args.vm
     old = store.get_vm(args.vm) if store.has_vm(args.vm) else None
+    if old is not None and not units and store.devices(args.vm):
+        raise UsageError(
+            f"plan {args.vm} without --device would drop its {len(store.devices(args.vm))} stored device(s): the "
+            "--device list is the VM's whole device set (kvmslots show lists them; delete forgets the VM)"
+        )
     changes = (args.mask, args.machine, args.reserve_slots, args.hotplug_ports, args.spare_bridge)
     if old is None or any(value is not None for value in changes):
         machine = args.machine or (old.machine if old else "pc")
@@ -205,7 +207,8 @@ def cmd_plan(args: argparse.Namespace, store: Store, out: Output) -> int:
             old.bus_masks if same_family and old else {},
             hotplug_ports=args.hotplug_ports if args.hotplug_ports is not None else (
                 old.hotplug_ports if old else DEFAULT_HOTPLUG_PORTS),
-            spare_bridge=args.spare_bridge if args.spare_bridge is not None else bool(same_family and old and old.spare_bridge),
+            spare_bridge=args.spare_bridge if args.spare_bridge is not None else bool(
+                same_family and old and old.spare_bridge),
             reserve_slots=args.reserve_slots,
         )
     plan = asyncio.run(hotplug.plan_boot(store, vm, units, host=_host_devices(args, store)))
@@ -342,7 +345,9 @@ def render_slot_map(
         lines.append(f"  {'ID':<28} {'TYPE':<8} {'DRIVER':<16} {'BUS':<{width}} {'ADDR':>6}  STATE")
         for d in devices:
             addr = f"{d.slot:#04x}.{d.function}"
-            lines.append(f"  {d.qemu_id:<28} {d.dev_type:<8} {d.driver:<16} {d.bus:<{width}} {addr:>6}  {d.state.value}")
+            lines.append(
+                f"  {d.qemu_id:<28} {d.dev_type:<8} {d.driver:<16} {d.bus:<{width}} {addr:>6}  {d.state.value}"
+            )
     return "\n".join(lines)
 
 
@@ -392,6 +397,12 @@ def cmd_export(args: argparse.Namespace, store: Store, out: Output) -> int:
 
 
 def cmd_import(args: argparse.Namespace, store: Store, out: Output) -> int:
+    if args.ganeti_runtime is not None:
+        from .ganeti import cmd_import_ganeti
+
+        return cmd_import_ganeti(args, store, out)
+    if args.file is None:
+        raise UsageError("import needs FILE (or --ganeti-runtime FILE VM)")
     document = _read_json_file(args.file, "runtime document")
     vm = store.import_vm(document, replace=args.replace)
     count = len(store.devices(vm.name))
@@ -477,7 +488,10 @@ def cmd_host_devices(args: argparse.Namespace, store: Store, out: Output) -> int
     ]
 
     def text() -> str:
-        lines = [f"{'ADDRESS':<13} {'VENDOR':<6} {'PRODUCT':<7} {'TYPE':<8} {'PARENT':<13} {'NUMA':>4}  {'STATUS':<11} INSTANCE"]
+        lines = [
+            f"{'ADDRESS':<13} {'VENDOR':<6} {'PRODUCT':<7} {'TYPE':<8} {'PARENT':<13} {'NUMA':>4}  "
+            f"{'STATUS':<11} INSTANCE"
+        ]
         for r in rows:
             numa = "-" if r["numa_node"] is None else str(r["numa_node"])
             lines.append(f"{r['address']:<13} {r['vendor_id']:<6} {r['product_id']:<7} {r['dev_type']:<8} "
@@ -654,7 +668,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("detach", help="hot remove a device; confirmed by DEVICE_DELETED")
     p.add_argument("vm", help="the VM's name in the state store")
     p.add_argument("--qmp", required=True, metavar="SOCKET", help="the running VM's QMP socket")
-    p.add_argument("--uuid", required=True, help="the UUID of the device to remove (its whole multifunction slot goes with it)")
+    p.add_argument("--uuid", required=True,
+                   help="the UUID of the device to remove (its whole multifunction slot goes with it)")
     p.add_argument("--timeout", default="5", metavar="SECONDS",
                    help="how long to wait for the guest to eject it (finite, at most a day; default 5)")
     p.set_defaults(func=cmd_detach)
@@ -692,8 +707,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="FILE", help="write it to FILE (0600) instead")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("import", help="load a VM's state exported elsewhere ('-' reads stdin)")
-    p.add_argument("file", help="the exported JSON document, or '-' for standard input")
+    p = sub.add_parser("import", help="load a VM's state exported elsewhere ('-' reads stdin), or take over a "
+                       "running Ganeti instance (--ganeti-runtime FILE VM)")
+    p.add_argument("file", nargs="?", metavar="FILE|VM", help="the exported JSON document, or '-' for standard "
+                   "input; with --ganeti-runtime, the name to record the instance as")
+    p.add_argument("--ganeti-runtime", metavar="FILE", help="Ganeti's KVM runtime file of a running instance "
+                   "(/var/run/ganeti/kvm-hypervisor/conf/INSTANCE.runtime, '-' for standard input): record its "
+                   "NICs and disks at their slots under the ids QEMU knows them by, then run reconcile")
     p.add_argument("--replace", action="store_true", help="replace the VM if it exists")
     p.set_defaults(func=cmd_import)
 
@@ -702,7 +722,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = hsub.add_parser("sync", help="sync the tracker with the host's devices")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--libvirt", metavar="URI", help="read the host's PCI devices from libvirt's node devices (e.g. qemu:///system)")
-    src.add_argument("--sysfs", metavar="ROOT", help="read the host's PCI devices from sysfs under ROOT (normally /sys)")
+    src.add_argument("--sysfs", metavar="ROOT",
+                     help="read the host's PCI devices from sysfs under ROOT (normally /sys)")
     src.add_argument("--devices-json", metavar="FILE", help="read the device list from FILE (Nova's hypervisor JSON)")
     p.add_argument("--device-spec", metavar="FILE", help="JSON list of Nova device_spec entries (kept for later syncs)")
     p.set_defaults(func=cmd_host_sync)
@@ -762,8 +783,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _validate_early(args)
         if command is cmd_demo:
             return cmd_demo(args, None, out)
-        if command is cmd_guest_build:
-            return cmd_guest_build(args, None, out)
+        if args.func is cmd_guest_build:
+            return int(cmd_guest_build(args, None, out))
         with Store(args.state_given or DEFAULT_STATE_DIR) as store:
             return command(args, store, out)
     except (UsageError, ValidationError) as exc:

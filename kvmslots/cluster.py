@@ -26,7 +26,16 @@ from .pci.stats import PciDeviceStats, exact_ids
 from .storage.base import HostRecord
 from .store import Store
 
-__all__ = ["HostPools", "HostFit", "cluster_pools", "hosts_for", "fitting_hosts", "request_ids", "forget_host", "numa_nodes_of"]
+__all__ = [
+    "HostPools",
+    "HostFit",
+    "cluster_pools",
+    "hosts_for",
+    "fitting_hosts",
+    "request_ids",
+    "forget_host",
+    "numa_nodes_of",
+]
 
 #: A NUMA node no device is on (device NUMA nodes are never negative).
 _NO_FREE_DEVICE = -1

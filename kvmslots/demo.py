@@ -79,12 +79,11 @@ def _new() -> str:
 
 
 def run_demo(state_dir: str | None = None, *, as_json: bool = False) -> int:
-    from .cli import render_slot_map, slot_states
+    from .passthrough import HostDevices, PassthroughSpec
     from .pci.devspec import Whitelist
     from .pci.fakehost import sriov_topology
     from .pci.request import get_pci_requests_from_flavor, parse_aliases
     from .pci.tracker import PciDevTracker
-    from .passthrough import HostDevices, PassthroughSpec
 
     state = Path(state_dir) if state_dir else Path(tempfile.mkdtemp(prefix="kvmslots-demo-"))
     steps = _Steps(as_json)
@@ -117,15 +116,7 @@ def run_demo(state_dir: str | None = None, *, as_json: bool = False) -> int:
                 steps.run("guest sees", vm.guest_pci_slots, lambda slots: f"slots {sorted(slots)}")
 
                 def show() -> str:
-                    async def view() -> Any:
-                        async with Monitor(vm.qmp_path) as mon:
-                            await hotplug.reconcile(store, mon, VM)
-                            return await mon.pci()
-
-                    live = asyncio.run(view())
-                    devices, controllers, spec = store.devices(VM), store.controllers(VM), store.get_vm(VM)
-                    buses = slot_states(spec, controllers, devices, live)
-                    return render_slot_map(spec, controllers, devices, buses, live=True)
+                    return _slot_map(store, vm, VM, reconcile=True)
 
                 steps.say(steps.run("slot map before", show, lambda _: "drawn below"))
 
@@ -172,7 +163,8 @@ def run_demo(state_dir: str | None = None, *, as_json: bool = False) -> int:
                         return await hotplug.reconcile(store, mon, VM)
 
                 steps.run("reconcile", lambda: asyncio.run(settle()),
-                          lambda r: "records match QEMU" if not (r.changed or r.unknown or r.misplaced) else str(r.to_json()))
+                          lambda r: "records match QEMU" if not (r.changed or r.unknown or r.misplaced)
+                          else str(r.to_json()))
             finally:
                 steps.run("shut the guest down", lambda: vm.stop(), lambda _: "QEMU stopped, VM files removed")
             _q35_part(store, steps, as_json)
@@ -186,10 +178,24 @@ def run_demo(state_dir: str | None = None, *, as_json: bool = False) -> int:
     return 0
 
 
-def _q35_part(store: Store, steps: _Steps, as_json: bool) -> None:
-    """The q35 machine: root ports planned per device plus spares, a hot add into a spare, its removal."""
+def _slot_map(store: Store, vm: TestVM, name: str, *, reconcile: bool = False) -> str:
+    """The slot map of the VM *name* (running as *vm*) with QEMU's live view; a reconcile first
+    when asked (it settles what the records say of devices QEMU has since taken or dropped)."""
     from .cli import render_slot_map, slot_states
 
+    async def view() -> Any:
+        async with Monitor(vm.qmp_path) as mon:
+            if reconcile:
+                await hotplug.reconcile(store, mon, name)
+            return await mon.pci()
+
+    live = asyncio.run(view())
+    spec, controllers, devices = store.get_vm(name), store.controllers(name), store.devices(name)
+    return render_slot_map(spec, controllers, devices, slot_states(spec, controllers, devices, live), live=True)
+
+
+def _q35_part(store: Store, steps: _Steps, as_json: bool) -> None:
+    """The q35 machine: root ports planned per device plus spares, a hot add into a spare, its removal."""
     devices: list[DeviceSpec | DeviceGroup] = [
         DeviceSpec(_new(), "nic", "virtio-net-pci", {"mac": "52:54:00:12:34:57"}),
         DeviceGroup((DeviceSpec(_new(), "rng", "virtio-rng-pci"), DeviceSpec(_new(), "test", "pci-testdev"))),
@@ -219,16 +225,7 @@ def _q35_part(store: Store, steps: _Steps, as_json: bool) -> None:
         steps.run("q35: guest sees it", lambda: vm.wait_guest_pci(lambda seen: f"0000:{bus:02x}:00.0" in seen),
                   lambda _: f"0000:{bus:02x}:00.0")
 
-        def show() -> str:
-            async def view() -> Any:
-                async with Monitor(vm.qmp_path) as mon:
-                    return await mon.pci()
-
-            live = asyncio.run(view())
-            spec, controllers, recorded = store.get_vm(Q35_VM), store.controllers(Q35_VM), store.devices(Q35_VM)
-            return render_slot_map(spec, controllers, recorded, slot_states(spec, controllers, recorded, live), live=True)
-
-        steps.say(steps.run("q35: slot map", show, lambda _: "drawn below"))
+        steps.say(steps.run("q35: slot map", lambda: _slot_map(store, vm, Q35_VM), lambda _: "drawn below"))
 
         async def remove() -> Any:
             async with Monitor(vm.qmp_path) as mon:

@@ -17,6 +17,7 @@ import re
 import uuid as _uuid
 from typing import Mapping
 
+from ._shown import shown
 from .errors import (
     InvalidBus,
     InvalidDeviceId,
@@ -26,7 +27,6 @@ from .errors import (
     InvalidProperty,
     InvalidUUID,
 )
-from ._shown import shown
 from .slots import NUM_SLOTS, validate_slot
 
 __all__ = [

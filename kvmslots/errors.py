@@ -426,13 +426,14 @@ class GanetiRuntimeError(StateImportError):
     (two devices at one slot, an id that does not name its device, a slot Ganeti reserves).
 
     Raised before anything is written.  ``path`` is the runtime file (``<text>`` when it was
-    handed over as text); ``ids`` the QEMU ids the problem is about, when it is about ids.
+    handed over as text); ``ids`` the QEMU ids the problem is about, when it is about ids; the
+    usual facts (``vm``, ``uuid``, ``device_id``, ``bus``, ``slot``) where one device is at fault.
     """
 
-    def __init__(self, message: str, path: str, ids: tuple[str, ...] = ()) -> None:
+    def __init__(self, message: str, path: str, ids: tuple[str, ...] = (), **facts: object) -> None:
         self.path = path
         self.ids = tuple(ids)
-        super().__init__(message)
+        super().__init__(message, **facts)
 
 
 # --- QEMU monitor ------------------------------------------------------------

@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
+from ._shown import shown
 from .devid import (
     PropValue,
     device_id,
@@ -32,9 +33,8 @@ from .devid import (
     validate_uuid,
     validate_vm_name,
 )
-from ._shown import shown
 from .errors import InvalidFunction, InvalidMask, InvalidName, UnsupportedMachine, ValidationError
-from .slots import DEFAULT_PCI_RESERVATIONS, NUM_SLOTS, reservation_mask, validate_mask, validate_slot
+from .slots import DEFAULT_PCI_RESERVATIONS, reservation_mask, validate_mask, validate_slot
 
 __all__ = [
     "DeviceState",
@@ -70,7 +70,7 @@ PCIE_ROOT_BUS = "pcie.0"
 BRIDGE_RESERVATIONS = "1" + "0" * 31
 #: ``q35``'s built-in devices on ``pcie.0``: host bridge (0), VGA (1), ICH9 LPC/SATA/SMBus (0x1f).
 Q35_RESERVATIONS = "11" + "0" * 29 + "1"
-#: Spare ``pcie-root-port``s a q35 plan keeps for hotplug unless told otherwise (as libvirt's
+#: Spare ``pcie-root-port`` devices a q35 plan keeps for hotplug unless told otherwise (as libvirt's
 #: advice and Proxmox's fixed ports do: a q35 VM without one can never take a hot add).
 DEFAULT_HOTPLUG_PORTS = 4
 #: ``pcie.0`` has 29 free slots of 8 ports each; chassis numbers are 8 bits.
@@ -415,11 +415,11 @@ class VMSpec:
     """A VM's identity, reservations and the room it keeps for hotplug.
 
     ``mask`` reserves slots on the root bus; empty means the machine's
-    built-in devices (``pc``: 0-3, the seed's ``1111``; ``q35``: 0, 1 and
+    built-in devices (``pc``: 0-3, ``1111`` as in Ganeti 2.10's hv_kvm; ``q35``: 0, 1 and
     0x1f).  ``reserve_slots`` N is Ganeti's shorthand for a mask of the first
     N slots.  ``bus_masks`` may give masks for other buses (bridges), which
     otherwise get :data:`BRIDGE_RESERVATIONS`.  ``hotplug_ports`` (q35) is how
-    many free ``pcie-root-port``s a boot plan keeps for hot add;
+    many free ``pcie-root-port`` devices a boot plan keeps for hot add;
     ``spare_bridge`` (pc) plans a ``pci-bridge`` up front so hot add has room
     once ``pci.0`` is full.
     """

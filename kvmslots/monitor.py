@@ -28,10 +28,19 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterator, Mapping, Protocol
+from typing import Any, Callable, Collection, Iterator, Mapping, Protocol, runtime_checkable
 
 import tenacity
-from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, ExecuteError, Message, QMPClient, QMPError, Runstate
+from qemu.qmp import (
+    ConnectError,
+    EventListener,
+    ExecInterruptedError,
+    ExecuteError,
+    Message,
+    QMPClient,
+    QMPError,
+    Runstate,
+)
 
 from ._shown import shown
 from .errors import (
@@ -48,6 +57,12 @@ from .pciview import PciOccupancy, parse_info_pci, parse_query_pci
 __all__ = [
     "Monitor",
     "MonitorLike",
+    "RunsQmp",
+    "GreetsWithVersion",
+    "KeepsConnectionFacts",
+    "Reconnects",
+    "TypesProperties",
+    "AddsAndViews",
     "DeletedEvents",
     "ALREADY_UNPLUGGING",
     "DEFAULT_COMMAND_TIMEOUT",
@@ -130,6 +145,57 @@ class MonitorLike(Protocol):
         *,
         also: Collection[str] = (),
     ) -> bool: ...
+
+
+# Optional features: :class:`Monitor` has them all; a stand-in (the fault-injecting fakes of the
+# tests) may lack any of them, and kvmslots then does without (asks again, skips the check).
+
+
+@runtime_checkable
+class RunsQmp(Protocol):
+    """A monitor that runs any QMP command (capability probes, ``qom-get``)."""
+
+    async def execute(self, command: str, arguments: Mapping[str, Any] | None = None) -> Any: ...
+
+
+@runtime_checkable
+class GreetsWithVersion(Protocol):
+    """A monitor that knows QEMU's version from the QMP greeting (None: the greeting had none)."""
+
+    @property
+    def greeting_version(self) -> tuple[int, int, int] | None: ...
+
+
+@runtime_checkable
+class KeepsConnectionFacts(Protocol):
+    """A monitor that keeps what kvmslots learnt about its connection until it closes: the
+    :class:`~kvmslots.capabilities.QemuCapabilities` (None: not probed yet), each bus's hotplug
+    answer, and the placement view as of the last add."""
+
+    capabilities: Any
+    bus_hotplug: dict[str, str | None]
+    placement_view: PciOccupancy | None
+
+
+@runtime_checkable
+class Reconnects(Protocol):
+    """A monitor that can connect again after its connection was lost."""
+
+    async def reconnect(self) -> None: ...
+
+
+@runtime_checkable
+class TypesProperties(Protocol):
+    """A monitor that tells a device model's property types (``device-list-properties``)."""
+
+    async def property_types(self, driver: str) -> dict[str, str]: ...
+
+
+@runtime_checkable
+class AddsAndViews(Protocol):
+    """A monitor that pipelines ``device_add`` with the placement view that follows it."""
+
+    async def device_add_and_view(self, arguments: Mapping[str, Any]) -> PciOccupancy: ...
 
 
 class Monitor:
@@ -342,7 +408,9 @@ class Monitor:
         if isinstance(added, BaseException):
             raise added
         if isinstance(view, QemuCommandError):  # QEMU took the device: this must not read as a refused add
-            raise MonitorError(f"QEMU took device_add of {arguments.get('id')} but then refused query-pci: {view}") from view
+            raise MonitorError(
+                f"QEMU took device_add of {arguments.get('id')} but then refused query-pci: {view}"
+            ) from view
         if isinstance(view, BaseException):
             raise view
         return view

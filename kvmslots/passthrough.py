@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Mapping
 
 from .devid import PropValue, validate_uuid
-from .errors import HostBindError, InvalidPciRequest, KvmSlotsError, PciError
+from .errors import HostBindError, InvalidPciRequest, PciError
 from .model import Device, DeviceSpec
 from .pci.binding import HostBinder
 from .pci.device import PciDevice, PciStatus
@@ -54,7 +54,9 @@ class PassthroughSpec:
     def __post_init__(self) -> None:
         object.__setattr__(self, "uuid", validate_uuid(self.uuid))
         if self.request.count != 1:
-            raise InvalidPciRequest(f"A passthrough device takes exactly one host device, the request asks for {self.request.count}")
+            raise InvalidPciRequest(
+                f"A passthrough device takes exactly one host device, the request asks for {self.request.count}"
+            )
         if "host" in self.props:
             raise InvalidPciRequest("The host address of a passthrough device is chosen by the tracker, not given")
         object.__setattr__(self, "request", replace(self.request, request_id=self.uuid, source=SOURCE_PASSTHROUGH))

@@ -66,7 +66,9 @@ class PciOccupancy(dict[int, set[int]]):
 
     def without(self, qdev_ids: set[str]) -> "PciOccupancy":
         """This view with the devices of *qdev_ids* gone (their removal was confirmed)."""
-        return PciOccupancy((f for f in self.functions if f.qdev_id not in qdev_ids), self.peripherals and (self.peripherals - qdev_ids))
+        return PciOccupancy(
+            (f for f in self.functions if f.qdev_id not in qdev_ids), self.peripherals and (self.peripherals - qdev_ids)
+        )
 
     def slots(self, bus: int) -> set[int]:
         """Occupied slots of bus number *bus* (empty for an unknown bus)."""
@@ -237,7 +239,8 @@ def _function(dev: Any) -> tuple[PciFunction, list[Any] | None]:
     )
 
 
-# "  Bus  0, device   3, function 0:" -- the seed's r'Bus.*device[ ]*(\d+).*', with the bus and function kept.
+# "  Bus  0, device   3, function 0:" -- Ganeti 2.10's hv_kvm r'Bus.*device[ ]*(\d+).*' (its `info pci`
+# regex), with the bus and function kept.
 # ASCII only: Python's \d and \s also match other scripts' digits and spaces ('١٢' would be bus 12).
 _HEADER_RE = re.compile(r"^\s*Bus\s+([0-9]+),\s*device\s+([0-9]+),\s*function\s+([0-9]+):", re.ASCII)
 _ID_RE = re.compile(r'^\s*id "(.*)"\s*$', re.ASCII)

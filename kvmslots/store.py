@@ -190,7 +190,10 @@ class Store:
         with self.vm_lock_sync(vm.name), self.transaction() as txn:
             if txn.has_vm(vm.name):
                 if not replace:
-                    raise StateConflict(f"VM {vm.name!r} already exists; import with replace=True to overwrite it")
+                    raise StateConflict(
+                        f"VM {vm.name!r} already exists; import with replace=True (--replace) to overwrite it",
+                        vm=vm.name,
+                    )
                 txn.delete_vm(vm.name)
             txn.put_vm(vm)
             for controller in controllers:
@@ -242,7 +245,8 @@ def parse_export(document: Mapping[str, Any] | str | bytes) -> tuple[VMSpec, lis
         _expect_keys(raw, keys, where)
         try:
             spec = DeviceSpec(
-                raw["uuid"], raw["type"], raw["driver"], _mapping(raw["props"], f"{where}.props"), raw["bus"], raw["slot"]
+                raw["uuid"], raw["type"], raw["driver"], _mapping(raw["props"], f"{where}.props"), raw["bus"],
+                raw["slot"],
             )
             if not isinstance(raw["state"], str) or raw["state"] not in {s.value for s in DeviceState}:
                 raise ValidationError(f"state must be one of {', '.join(s.value for s in DeviceState)}")
@@ -271,7 +275,9 @@ def parse_export(document: Mapping[str, Any] | str | bytes) -> tuple[VMSpec, lis
             except ValidationError as exc:
                 raise StateImportError(f"Bad device in {where}: {exc}") from None
         elif raw["id"] != device.qemu_id:
-            raise StateImportError(f"{where}: id {shown(raw['id'])} does not match its type, UUID and slot ({device.qemu_id})")
+            raise StateImportError(
+                f"{where}: id {shown(raw['id'])} does not match its type, UUID and slot ({device.qemu_id})"
+            )
         if device.uuid in uuids:
             raise StateImportError(f"{where}: UUID {device.uuid} appears twice")
         if (uuid8(device.uuid), device.slot) in ids:
@@ -292,10 +298,12 @@ def parse_export(document: Mapping[str, Any] | str | bytes) -> tuple[VMSpec, lis
 def _import_vm(raw_vm: Any, v1: bool) -> VMSpec:
     if not isinstance(raw_vm, Mapping):
         raise StateImportError("'vm' must be an object")
-    _expect_keys(raw_vm, {"name", "machine", "mask", "bus_masks"} | (set() if v1 else {"hotplug_ports", "spare_bridge"}), "vm")
+    keys = {"name", "machine", "mask", "bus_masks"} | (set() if v1 else {"hotplug_ports", "spare_bridge"})
+    _expect_keys(raw_vm, keys, "vm")
     try:
         extra = {} if v1 else {"hotplug_ports": raw_vm["hotplug_ports"], "spare_bridge": raw_vm["spare_bridge"]}
-        return VMSpec(raw_vm["name"], raw_vm["machine"], raw_vm["mask"], _mapping(raw_vm["bus_masks"], "vm.bus_masks"), **extra)
+        bus_masks = _mapping(raw_vm["bus_masks"], "vm.bus_masks")
+        return VMSpec(raw_vm["name"], raw_vm["machine"], raw_vm["mask"], bus_masks, **extra)
     except ValidationError as exc:
         raise StateImportError(f"Bad VM in runtime document: {exc}") from None
 
@@ -313,7 +321,10 @@ def _import_controllers(raw: Any) -> list[Controller]:
             if item["kind"] not in {k.value for k in ControllerKind}:
                 raise ValidationError(f"kind must be one of {', '.join(k.value for k in ControllerKind)}")
             controllers.append(
-                Controller(item["id"], ControllerKind(item["kind"]), item["bus"], item["slot"], item["function"], item["chassis"])
+                Controller(
+                    item["id"], ControllerKind(item["kind"]), item["bus"], item["slot"], item["function"],
+                    item["chassis"],
+                )
             )
         except (ValidationError, ValueError, TypeError) as exc:
             raise StateImportError(f"Bad controller in {where}: {exc}") from None

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Awaitable, Callable, Sequence, TypeVar
-
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence, TypeVar
 
 from . import hotplug
 from .model import Device, DeviceGroup, DeviceSpec, VMSpec
@@ -27,6 +25,23 @@ if TYPE_CHECKING:
 __all__ = ["SlotManager"]
 
 T = TypeVar("T")
+
+
+def with_monitor(
+    qmp: str | os.PathLike[str],
+    work: Callable[[Monitor], Awaitable[T]],
+    *,
+    connect_timeout: float = 30.0,
+    command_timeout: float | None = None,
+) -> T:
+    """Run *work* on a QMP connection of its own, in an event loop of its own (the synchronous
+    callers' way into the async core: :class:`SlotManager` and the CLI)."""
+
+    async def run() -> T:
+        async with Monitor(qmp, connect_timeout=connect_timeout, command_timeout=command_timeout) as mon:
+            return await work(mon)
+
+    return asyncio.run(run())
 
 
 class SlotManager:
@@ -117,8 +132,4 @@ class SlotManager:
         return self._with_monitor(qmp, lambda mon: hotplug.reconcile(self.store, mon, vm, host=self.host))
 
     def _with_monitor(self, qmp: str | os.PathLike[str], work: Callable[[Monitor], Awaitable[T]]) -> T:
-        async def run() -> T:
-            async with Monitor(qmp, connect_timeout=self.connect_timeout, command_timeout=self.command_timeout) as mon:
-                return await work(mon)
-
-        return asyncio.run(run())
+        return with_monitor(qmp, work, connect_timeout=self.connect_timeout, command_timeout=self.command_timeout)

@@ -13,7 +13,7 @@ pci-bridge    a bridge's bus     1-31                        SHPC or ACPI, when 
 root port     a port's bus       0 only                      native PCIe or ACPI
 ============  =================  ==========================  ===============================
 
-Each bus keeps a :class:`~kvmslots.slots.SlotMap` (the seed's 32-slot
+Each bus keeps a :class:`~kvmslots.slots.SlotMap` (Ganeti 2.10's hv_kvm 32-slot
 bitarray: a slot is taken when any of its functions is) and, per slot, which
 functions are held and by whom.  Occupancy comes from three sources that
 are all applied before anything is chosen: the VM's masks, our records
@@ -47,13 +47,13 @@ from .errors import (
     SlotsExhausted,
 )
 from .model import (
+    MAX_FUNCTION,
+    PCIE_ROOT_BUS,
+    ROOT_BUS,
     Controller,
     ControllerKind,
     Device,
     Machine,
-    MAX_FUNCTION,
-    PCIE_ROOT_BUS,
-    ROOT_BUS,
     VMSpec,
 )
 from .pciview import PCIE_PORT_IDS, PciOccupancy
@@ -367,7 +367,9 @@ class Topology:
         try:
             slot = root.slots.first_free()
         except SlotsExhausted:
-            raise SlotsExhausted(root.name, "pcie.0 has no slot left for another pcie-root-port", vm=self.vm.name) from None
+            raise SlotsExhausted(
+                root.name, "pcie.0 has no slot left for another pcie-root-port", vm=self.vm.name
+            ) from None
         return Controller.port(chassis, slot, 0)
 
     def add_bridge(self, parent: str) -> Controller:

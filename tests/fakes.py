@@ -122,7 +122,8 @@ class Q35Fake:
         return 0 if bus == "pcie.0" else (self.ports[bus][2] if self.numbered else 0)
 
     async def pci(self, *, placement_only: bool = False) -> PciOccupancy:
-        functions = [PciFunction(0, 0, 0, "", 0x8086, 0x29C0, "Host bridge"), PciFunction(0, 1, 0, "", 0x1234, 0x1111, "VGA"),
+        functions = [PciFunction(0, 0, 0, "", 0x8086, 0x29C0, "Host bridge"),
+                     PciFunction(0, 1, 0, "", 0x1234, 0x1111, "VGA"),
                      PciFunction(0, 0x1F, 0, "", 0x8086, 0x2918, "ISA bridge")]
         for pid, (slot, function, _) in self.ports.items():
             functions.append(PciFunction(0, slot, function, pid, 0x1B36, 0x000C, "PCI bridge", self._number(pid)))
@@ -137,7 +138,11 @@ class Q35Fake:
         place = (bus, int(slot, 16), int(function or 0))
         for qid, held in self.devices.items():
             if held == place:
-                raise QemuCommandError("device_add", f"PCI: slot {place[1]} function {place[2]} not available for x, in use by {qid}", "GenericError")
+                raise QemuCommandError(
+                    "device_add",
+                    f"PCI: slot {place[1]} function {place[2]} not available for x, in use by {qid}",
+                    "GenericError",
+                )
         self.devices[arguments["id"]] = place
 
     async def device_add_and_view(self, arguments: Mapping[str, Any]) -> PciOccupancy:

@@ -24,7 +24,8 @@ def host(pfs: int = 2, vfs: int = 4, plain: int = 2, numa: bool = True) -> list[
     for p in range(pfs):
         node = p % 2 if numa else None
         devices.append({"address": pf_addr(p), "vendor_id": "8086", "product_id": PF_PRODUCT,
-                        "dev_type": "type-PF", "numa_node": node, "dev_id": "pci_" + pf_addr(p).replace(":", "_").replace(".", "_"),
+                        "dev_type": "type-PF", "numa_node": node,
+                        "dev_id": "pci_" + pf_addr(p).replace(":", "_").replace(".", "_"),
                         "label": f"label_8086_{PF_PRODUCT}"})
         for v in range(vfs):
             devices.append({"address": vf_addr(p, v), "vendor_id": "8086", "product_id": VF_PRODUCT,

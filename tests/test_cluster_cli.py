@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pcihost import PF_PRODUCT, VF_PRODUCT, pf_addr, vf_addr
 
 from kvmslots import Store
 from kvmslots.cli import main
@@ -34,8 +35,6 @@ from kvmslots.pci.devspec import Whitelist
 from kvmslots.pci.request import InstancePciRequest
 from kvmslots.pci.tracker import PciDevTracker
 from kvmslots.store import DATABASE_URL_ENV
-
-from pcihost import PF_PRODUCT, VF_PRODUCT, pf_addr, vf_addr
 
 REPO = Path(__file__).resolve().parent.parent
 GPU = ("10de", "2236")

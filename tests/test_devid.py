@@ -3,7 +3,8 @@
 import uuid
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kvmslots import InvalidDeviceId, InvalidSlot, InvalidUUID, device_id, parse_device_id
 from kvmslots.errors import InvalidDeviceType
@@ -41,9 +42,9 @@ def test_bad_slots(bad_slot):
         device_id("nic", U, bad_slot)
 
 
-@pytest.mark.parametrize("text", ["nic-9f3c2a1b-pci-32", "nic-9f3c2a1b-pci-05", "nic-9F3C2A1B-pci-5", "nic-9f3c2a1-pci-5",
-                                  "-9f3c2a1b-pci-5", "nic-9f3c2a1b-pci-", "nic-9f3c2a1b-pcie-5", "nic-9f3c2a1b-pci-5\n",
-                                  "", 5, None])
+@pytest.mark.parametrize("text", ["nic-9f3c2a1b-pci-32", "nic-9f3c2a1b-pci-05", "nic-9F3C2A1B-pci-5",
+                                  "nic-9f3c2a1-pci-5", "-9f3c2a1b-pci-5", "nic-9f3c2a1b-pci-", "nic-9f3c2a1b-pcie-5",
+                                  "nic-9f3c2a1b-pci-5\n", "", 5, None])
 def test_malformed_ids(text):
     with pytest.raises(InvalidDeviceId):
         parse_device_id(text)

@@ -9,13 +9,12 @@ import sys
 import uuid
 
 import pytest
+from fakes import FakeQemu
 
 import kvmslots
 from kvmslots import DeviceSpec, DeviceState, Store, VMSpec, hot_add
 from kvmslots.cli import build_parser, main
 from kvmslots.errors import FACTS, DeviceAddFailed, DeviceExists, KvmSlotsError, SlotOccupied, UnknownVM
-
-from fakes import FakeQemu
 
 U = [str(uuid.UUID(int=(n << 96) | 0x4000_8000_0000_0000_0000)) for n in range(8)]
 

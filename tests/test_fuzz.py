@@ -24,11 +24,10 @@ from typing import Any, Callable
 
 import pytest
 from hypothesis import event, given, settings
-from hypothesis.control import currently_in_test_context
 from hypothesis import strategies as st
+from hypothesis.control import currently_in_test_context
 
 from kvmslots import capabilities, devid, model, pciview, store
-from kvmslots.model import machine_family
 from kvmslots.errors import (
     InvalidAlias,
     InvalidDeviceId,
@@ -40,6 +39,7 @@ from kvmslots.errors import (
     MonitorError,
     StateImportError,
 )
+from kvmslots.model import machine_family
 from kvmslots.pci import address, devspec, request
 from kvmslots.pci.device import HYPERVISOR_FIELDS, device_from_hypervisor
 from kvmslots.pci.tracker import PciDevTracker

@@ -4,9 +4,9 @@ import asyncio
 import uuid
 
 import pytest
+from fakes import FakeQemu, ReconnectingFakeQemu
 
 import kvmslots
-
 from kvmslots import (
     DeviceAddFailed,
     DeviceSpec,
@@ -21,8 +21,6 @@ from kvmslots import (
     reconcile,
 )
 from kvmslots.errors import DeviceExists, StateConflict, UnknownDevice
-
-from fakes import FakeQemu, ReconnectingFakeQemu
 
 
 def run(coro):

@@ -1,11 +1,21 @@
-"""Monitor behaviour that needs no QEMU: a socket that never appears is a clear, typed error."""
+"""Monitor behaviour that needs no QEMU: a socket that never appears is a clear, typed error, and the
+optional features kvmslots asks a monitor for."""
 
 import asyncio
 import socket
 
 import pytest
+from fakes import FakeQemu, Q35Fake, ReconnectingFakeQemu
 
 from kvmslots import Monitor, MonitorUnavailable
+from kvmslots.monitor import (
+    AddsAndViews,
+    GreetsWithVersion,
+    KeepsConnectionFacts,
+    Reconnects,
+    RunsQmp,
+    TypesProperties,
+)
 
 
 def test_missing_socket_gives_monitor_unavailable_after_retrying(tmp_path):
@@ -32,3 +42,13 @@ def test_a_socket_that_never_greets_times_out(tmp_path):
             asyncio.run(connect())
     finally:
         server.close()
+
+
+def test_the_monitor_has_every_optional_feature_and_the_plain_fake_none(tmp_path):
+    # kvmslots asks for the optional features by protocol: a rename in Monitor must not turn one off.
+    features = (RunsQmp, GreetsWithVersion, KeepsConnectionFacts, Reconnects, TypesProperties, AddsAndViews)
+    monitor = Monitor(tmp_path / "vm.qmp")
+    assert all(isinstance(monitor, feature) for feature in features)
+    assert not any(isinstance(FakeQemu(), feature) for feature in features)
+    assert [f for f in features if isinstance(ReconnectingFakeQemu(), f)] == [Reconnects]
+    assert [f for f in features if isinstance(Q35Fake({}), f)] == [KeepsConnectionFacts, AddsAndViews]

@@ -32,7 +32,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import pytest
+from pcihost import PF_PRODUCT, VF_PRODUCT, host, pf_addr, vf_addr
 
 from kvmslots import Store
 from kvmslots.cluster import cluster_pools
@@ -41,8 +41,6 @@ from kvmslots.pci.device import ASSIGNED, PciStatus
 from kvmslots.pci.devspec import Whitelist
 from kvmslots.pci.request import InstancePciRequest
 from kvmslots.pci.tracker import PciDevTracker
-
-from pcihost import PF_PRODUCT, VF_PRODUCT, host, pf_addr, vf_addr
 
 HOSTS = [f"host{n}" for n in range(4)]
 TWIN_HOST = "host1"  # the host that two extra processes also act as

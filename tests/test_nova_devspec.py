@@ -425,7 +425,8 @@ def test_remote_managed_pf_raises():
     the PF's own record is matched (every sync), whichever entry would win.
     """
     w = Whitelist.from_config([remote("8086", "5057")])
-    with pytest.raises(PciDeviceInvalidPFRemoteManaged, match="PFs must not have the 'remote_managed' tag.*0000:0a:00.0"):
+    with pytest.raises(PciDeviceInvalidPFRemoteManaged,
+                       match="PFs must not have the 'remote_managed' tag.*0000:0a:00.0"):
         w.match(PF)
     with pytest.raises(PciDeviceInvalidPFRemoteManaged, match="PFs must not have the 'remote_managed' tag"):
         DeviceSpecEntry.from_dict(remote("8086", "5057")).match(PF)

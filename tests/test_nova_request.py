@@ -17,7 +17,6 @@ the config (kvmslots parses what it is given, no global config), and
 from __future__ import annotations
 
 import json
-import uuid
 
 import pytest
 
@@ -233,8 +232,9 @@ def test_boolean_alias_tags_refuse_other_words(key):
 
 
 def test_well_known_tags_are_kept_and_others_need_extra_tags():
-    # kvmslots keeps the SR-IOV wiki's alias tags (seed 004) that Nova 34's schema no longer has;
-    # any other key is refused (a typo), unless the caller names it as one of its device_spec tags.
+    # kvmslots keeps the alias tags of the OpenStack wiki's SR-IOV design ("PCI passthrough SRIOV
+    # support") that Nova 34's schema no longer has; any other key is refused (a typo), unless the
+    # caller names it as one of its device_spec tags.
     (spec,) = parse_aliases([{"name": "a", "vendor_id": "8086", "product_id": "154c",
                               "physical_network": "physnet1", "trusted": "true"}])["a"]
     assert dict(spec.extra) == {"physical_network": "physnet1", "trusted": "true"}

@@ -31,7 +31,7 @@ import pytest
 
 from kvmslots import Store
 from kvmslots.errors import PciDeviceRequestFailed
-from kvmslots.pci.device import PciDevice, PciStatus
+from kvmslots.pci.device import PciDevice
 from kvmslots.pci.devspec import Whitelist
 from kvmslots.pci.request import InstancePciRequest
 from kvmslots.pci.stats import PciDeviceStats
@@ -51,8 +51,9 @@ INSTANCE = "9f1d4c4e-0000-4000-8000-000000000001"
 def make_dev(address: str, vendor_id: str, product_id: str, dev_type: str = "type-PCI",
              parent_addr: str | None = None, numa_node: int | None = 0, tags: dict[str, str] | None = None,
              **_ignored: Any) -> PciDevice:
-    return PciDevice(address=address, vendor_id=IDS.get(vendor_id, vendor_id), product_id=IDS.get(product_id, product_id),
-                     dev_type=dev_type, parent_addr=parent_addr, numa_node=numa_node, tags=dict(tags or {}))
+    return PciDevice(address=address, vendor_id=IDS.get(vendor_id, vendor_id),
+                     product_id=IDS.get(product_id, product_id), dev_type=dev_type, parent_addr=parent_addr,
+                     numa_node=numa_node, tags=dict(tags or {}))
 
 
 def tagged(whitelist: Whitelist, raw: dict[str, Any], **extra: Any) -> PciDevice | None:
@@ -433,8 +434,10 @@ class TestPciDeviceStatsWithTags:
                                               parent_addr="0000:0c:00.0", capabilities=VPD))]
         # implicit remote_managed == false (their device_spec entry has no such tag)
         self.locally_managed = [
-            self._dev(dict(vf, address="0000:0d:00.1", vendor_id="15b3", product_id="101c", parent_addr="0000:0d:00.0")),
-            self._dev(dict(vf, address="0000:0e:00.1", vendor_id="15b3", product_id="101c", parent_addr="0000:0e:00.0")),
+            self._dev(dict(vf, address="0000:0d:00.1", vendor_id="15b3", product_id="101c",
+                           parent_addr="0000:0d:00.0")),
+            self._dev(dict(vf, address="0000:0e:00.1", vendor_id="15b3", product_id="101c",
+                           parent_addr="0000:0e:00.0")),
         ]
         self.live_migratable = [self._dev(dict(vf, address="0000:0f:00.1", vendor_id="15b4", product_id="102e",
                                                parent_addr="0000:0f:00.0"))]
@@ -738,8 +741,10 @@ class TestPciDeviceVFPFStats:
     def test_consume_VF_requests_remote_managed_mix(self):
         """Nova: PciDeviceVFPFStatsTestCase.test_consume_VF_requests_remote_managed_mix"""
         self._create_pci_devices()
-        devs = consume(self.stats, [InstancePciRequest(count=1, spec=[{"product_id": "101e", "remote_managed": "true"}]),
-                                    InstancePciRequest(count=1, spec=[{"product_id": "1515", "remote_managed": "false"}])])
+        devs = consume(self.stats, [
+            InstancePciRequest(count=1, spec=[{"product_id": "101e", "remote_managed": "true"}]),
+            InstancePciRequest(count=1, spec=[{"product_id": "1515", "remote_managed": "false"}]),
+        ])
         assert len(devs) == 2
         assert {d.product_id for d in devs} == {"101e", "1515"}
         assert not {d.parent_addr for d in devs} & self._free_addresses()

@@ -6,6 +6,8 @@ import asyncio
 import uuid
 
 import pytest
+from fakes import FakeQemu
+from pcihost import host, plain_addr, request
 
 from kvmslots import DeviceAddFailed, DeviceSpec, Store, VMSpec, hot_add, hot_del, plan_boot, reconcile
 from kvmslots.errors import DeviceExists, HostBindError, InvalidPciRequest, PciDeviceRequestFailed, SlotOccupied
@@ -13,9 +15,6 @@ from kvmslots.passthrough import HostDevices, PassthroughSpec
 from kvmslots.pci.device import PciStatus
 from kvmslots.pci.devspec import Whitelist
 from kvmslots.pci.tracker import PciDevTracker
-
-from fakes import FakeQemu
-from pcihost import host, plain_addr, request
 
 
 def run(coro):

@@ -23,12 +23,12 @@ from kvmslots.errors import (
 from kvmslots.pci.address import DEV_TYPE_PCI, DEV_TYPE_PF, DEV_TYPE_VF, parse_address
 from kvmslots.pci.binding import HostBinder, LibvirtBinder, SysfsBinder
 from kvmslots.pci.discovery import (
-    with_parent_devnames,
     discover_sysfs,
     interface_from_nodedev_xml,
     make_record,
     record_from_nodedev_xml,
     record_from_sysfs,
+    with_parent_devnames,
 )
 from kvmslots.pci.fakehost import build_sysfs_tree, libvirt_test_xml, sriov_topology
 

@@ -8,6 +8,7 @@ import multiprocessing
 import os
 
 import pytest
+from pcihost import host, pf_addr, plain_addr, request, vf_addr
 
 from kvmslots import Store
 from kvmslots.errors import (
@@ -16,11 +17,9 @@ from kvmslots.errors import (
     PciDeviceInvalidStatus,
     PciDeviceRequestFailed,
 )
-from kvmslots.pci.devspec import Whitelist
 from kvmslots.pci.device import PciStatus
+from kvmslots.pci.devspec import Whitelist
 from kvmslots.pci.tracker import PciDevTracker
-
-from pcihost import host, pf_addr, plain_addr, request, vf_addr
 
 ALL_INTEL = Whitelist.from_config([json.dumps({"vendor_id": "8086", "physical_network": "physnet1"})])
 
@@ -287,7 +286,8 @@ def test_a_vf_whose_parent_changed_while_assigned_is_relinked_when_freed(state):
     def devices(parent):
         return [{"address": pf1, "vendor_id": "8086", "product_id": "1572", "dev_type": "type-PF"},
                 {"address": pf2, "vendor_id": "8086", "product_id": "1572", "dev_type": "type-PF"},
-                {"address": vf, "vendor_id": "8086", "product_id": "154c", "dev_type": "type-VF", "parent_addr": parent}]
+                {"address": vf, "vendor_id": "8086", "product_id": "154c", "dev_type": "type-VF",
+                 "parent_addr": parent}]
 
     t = open_tracker(state)
     t.update_devices_from_hypervisor_resources(devices(pf1))

@@ -12,15 +12,15 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pcihost import host, request
 
 from kvmslots import Store
 from kvmslots.errors import PciDeviceRequestFailed, PciError
 from kvmslots.pci.device import ASSIGNED, PciStatus
 from kvmslots.pci.devspec import Whitelist
 from kvmslots.pci.tracker import PciDevTracker
-
-from pcihost import host, request
 
 UNIVERSE = host(pfs=2, vfs=3, plain=2)
 WHITELIST = Whitelist.from_config([{"vendor_id": "8086"}])

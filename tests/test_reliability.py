@@ -15,9 +15,9 @@ import sqlite3
 import stat
 import subprocess
 import uuid
-from pathlib import Path
 
 import pytest
+from fakes import FakeQemu
 
 from kvmslots import DeviceSpec, DeviceState, Store, VMSpec, hot_add, hot_del, plan_boot, reconcile
 from kvmslots.cli import _prop_value, main
@@ -29,12 +29,11 @@ from kvmslots.errors import (
     MonitorConnectionLost,
     StateCorrupt,
     StateImportError,
+    UnknownVM,
 )
 from kvmslots.monitor import Monitor, validate_timeout
 from kvmslots.storage.schema import SCHEMA_VERSION
 from kvmslots.store import DB_NAME, parse_export
-
-from fakes import FakeQemu
 
 U = [str(uuid.UUID(int=(n << 96) | 0x4000_8000_0000_0000_0000)) for n in range(8)]
 
@@ -413,7 +412,7 @@ def test_item8_failed_commands_leave_no_lock_file(tmp_path, capsys, monkeypatch)
                        "--type", "nic", "--uuid", U[1], "--driver", "virtio-net-pci")
     assert code == 1
     with Store(state) as s:
-        with pytest.raises(Exception):
+        with pytest.raises(UnknownVM):
             run(hot_add(s, FakeQemu(), "ghost", DeviceSpec(U[1], "nic", "virtio-net-pci")))
         s.define_vm(VMSpec("vm1"))
         run(hot_add(s, FakeQemu(), "vm1", DeviceSpec(U[1], "nic", "virtio-net-pci")))

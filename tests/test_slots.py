@@ -1,7 +1,8 @@
 """SlotMap: the 32-slot reservation map (pure)."""
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import kvmslots
 from kvmslots import DEFAULT_PCI_RESERVATIONS, InvalidMask, InvalidSlot, SlotMap, SlotOccupied, SlotsExhausted

@@ -10,16 +10,15 @@ PostgreSQL server cannot be reached or goes away in the middle.
 from __future__ import annotations
 
 import asyncio
-import json
 import multiprocessing
 import sqlite3
 import threading
-import time
 import uuid
 from pathlib import Path
 
 import psycopg
 import pytest
+from pcihost import host
 
 from kvmslots import Store
 from kvmslots.cli import main
@@ -30,8 +29,6 @@ from kvmslots.pci.devspec import Whitelist
 from kvmslots.pci.tracker import PciDevTracker
 from kvmslots.storage.postgres import redact
 from kvmslots.storage.schema import SCHEMA_VERSION
-
-from pcihost import host
 
 DATA = Path(__file__).parent / "data"
 U = [str(uuid.UUID(int=(n << 96) | 0x4000_8000_0000_0000_0000)) for n in range(16)]
@@ -105,7 +102,9 @@ def test_devices_come_back_in_the_same_order_on_both_backends(state_location):
                 txn.add_device("vm1", Device.from_spec(DeviceSpec(U[n], "dev", "pci-testdev"), bus, slot,
                                                        DeviceState.PLANNED))
         # code-point order ("B" < "pci-bridge-1" < "pci.0"), whatever the database's collation
-        assert [(d.bus, d.slot) for d in store.devices("vm1")] == [("B", 9), ("pci-bridge-1", 3), ("pci.0", 5), ("pci.0", 7)]
+        assert [(d.bus, d.slot) for d in store.devices("vm1")] == [
+            ("B", 9), ("pci-bridge-1", 3), ("pci.0", 5), ("pci.0", 7),
+        ]
 
 
 def test_hosts_are_kept_apart_and_forgotten_whole(state_location):
@@ -220,7 +219,8 @@ def test_postgres_host_writers_of_different_hosts_do_not_wait(pg_url):
             txn.lock_host("host-a", {})  # as a long tracker operation on host-a would
             tb.update_devices_from_hypervisor_resources(host())  # host-b goes on
             with pytest.raises(VMBusy):
-                PciDevTracker(Store(pg_url, timeout=1), INTEL, node_id="host-a").update_devices_from_hypervisor_resources(host())
+                blocked = PciDevTracker(Store(pg_url, timeout=1), INTEL, node_id="host-a")
+                blocked.update_devices_from_hypervisor_resources(host())
         assert len(tb2.all_devs) == 12
         assert ta.all_devs == []
 

@@ -3,10 +3,10 @@
 import asyncio
 import json
 import multiprocessing
-from pathlib import Path
 import os
 import stat
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -79,7 +79,8 @@ def test_plan_boot_requested_slot_errors(store):
     with pytest.raises(SlotReserved):
         plan(store, VMSpec("vm1"), [DeviceSpec(a.uuid, "nic", a.driver, slot=2)])
     with pytest.raises(SlotOccupied, match="Slot 7 occupied"):
-        plan(store, VMSpec("vm1"), [DeviceSpec(a.uuid, "nic", a.driver, slot=7), DeviceSpec(b.uuid, "dev", b.driver, slot=7)])
+        plan(store, VMSpec("vm1"),
+             [DeviceSpec(a.uuid, "nic", a.driver, slot=7), DeviceSpec(b.uuid, "dev", b.driver, slot=7)])
     assert store.vms() == []  # nothing half-written
     plan(store, VMSpec("vm1"), [a])
     with pytest.raises(StateConflict, match="stored at slot 4"):
@@ -268,7 +269,8 @@ def test_ids_that_would_collide_across_buses_are_refused_typed(store):
     vm = VMSpec("vm1", bus_masks={"br1": "1" + "0" * 31})
     with pytest.raises(DeviceExists, match="collide"):
         plan(store, vm, [DeviceSpec(a, "nic", "e1000", slot=5), DeviceSpec(b, "dev", "pci-testdev", bus="br1", slot=5)])
-    doc = {"format": "kvmslots.vm-state", "version": 1, "vm": {k: vm.to_json()[k] for k in ("name", "machine", "mask", "bus_masks")}, "devices": [
+    vm_doc = {k: vm.to_json()[k] for k in ("name", "machine", "mask", "bus_masks")}
+    doc = {"format": "kvmslots.vm-state", "version": 1, "vm": vm_doc, "devices": [
         {"uuid": a, "type": "nic", "driver": "e1000", "props": {}, "bus": "pci.0", "slot": 5, "state": "planned",
          "id": "nic-9f3c2a1b-pci-5"},
         {"uuid": b, "type": "dev", "driver": "pci-testdev", "props": {}, "bus": "br1", "slot": 5, "state": "planned",

@@ -13,7 +13,13 @@ import pytest
 
 import kvmslots
 from kvmslots import DeviceGroup, DeviceSpec, Store, VMSpec
-from kvmslots.capabilities import QemuCapabilities, check_capabilities, parse_info_version, parse_machine_help, same_machine
+from kvmslots.capabilities import (
+    QemuCapabilities,
+    check_capabilities,
+    parse_info_version,
+    parse_machine_help,
+    same_machine,
+)
 from kvmslots.cli import main
 from kvmslots.errors import (
     BusNotHotpluggable,
@@ -279,6 +285,7 @@ def test_unversioned_plans_match_any_version_of_their_family():
 
 
 def test_hmp_version_text_is_parsed_as_the_seed_did():
+    # as Ganeti 2.10's hv_kvm reads HMP `info version`
     assert parse_info_version("7.2.22Debian 1:7.2+dfsg-7+deb12u18+b3\r\n") == (7, 2, 22)
     assert parse_info_version("QEMU 2.5.0") == (2, 5, 0)
     assert parse_info_version("no version here") is None
@@ -354,8 +361,9 @@ def test_an_import_whose_device_sits_behind_a_port_at_slot_1_is_refused(store):
 def test_plan_json_lists_ports_and_devices(tmp_path, capsys):
     state = str(tmp_path / "s")
     code = main(["--state", state, "--json", "plan", "web1", "--machine", "q35", "--hotplug-ports", "1", "--qemu",
-                 "/nonexistent/qemu", "--device", f"nic:{uid(1)}:virtio-net-pci", "--device", f"rng:{uid(2)}:virtio-rng-pci",
-                 "--device", f"rng:{uid(3)}:virtio-rng-pci", "--group", f"{uid(2)},{uid(3)}"])
+                 "/nonexistent/qemu", "--device", f"nic:{uid(1)}:virtio-net-pci",
+                 "--device", f"rng:{uid(2)}:virtio-rng-pci", "--device", f"rng:{uid(3)}:virtio-rng-pci",
+                 "--group", f"{uid(2)},{uid(3)}"])
     out, err = capsys.readouterr()
     assert code == 2 and "nonexistent" in err  # the binary to check --machine against must exist
     code = main(["--state", state, "--json", "plan", "web1", "--machine", "q35", "--hotplug-ports", "1",
@@ -365,7 +373,8 @@ def test_plan_json_lists_ports_and_devices(tmp_path, capsys):
     assert code == 0
     assert [(r["type"], r["uuid"], r["bus"], r["slot"], r["function"]) for r in rows] == [
         ("port", None, "pcie.0", 2, 0), ("port", None, "pcie.0", 2, 1), ("port", None, "pcie.0", 2, 2),
-        ("nic", uid(1), "pcie-port-1", 0, 0), ("rng", uid(2), "pcie-port-2", 0, 0), ("rng", uid(3), "pcie-port-2", 0, 1),
+        ("nic", uid(1), "pcie-port-1", 0, 0), ("rng", uid(2), "pcie-port-2", 0, 0),
+        ("rng", uid(3), "pcie-port-2", 0, 1),
     ]
     assert set(rows[0]) == {"id", "type", "uuid", "driver", "bus", "slot", "function", "arg"}
 

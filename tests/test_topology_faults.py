@@ -9,8 +9,8 @@ import sqlite3
 import uuid as uuidlib
 
 import pytest
-
 from fakes import FakeQemu, Q35Fake
+
 from kvmslots import DeviceGroup, DeviceSpec, Store, VMSpec
 from kvmslots.errors import (
     DeviceAddFailed,

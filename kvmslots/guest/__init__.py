@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 from kvmslots.errors import GuestBuildFailed
 
@@ -137,7 +137,7 @@ def build_guest(
 # --- the `kvmslots guest` command ----------------------------------------------------
 
 
-def add_guest_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_guest_parser(sub: argparse._SubParsersAction[Any]) -> None:
     """Register ``kvmslots guest build [DIR]`` on the CLI's subcommand action."""
     guest = sub.add_parser("guest", help="the tiny test guest that kvm_test_vm / TestVM boot")
     gsub = guest.add_subparsers(

@@ -9,14 +9,15 @@ right now, and the ports and bridges we planned) and QEMU's live
 only if all agree, and becomes free again only when removal is confirmed.
 
 One module per operation: :mod:`.boot`, :mod:`.add`, :mod:`.remove`,
-:mod:`.reconcile`.  These coroutines take a :class:`~kvmslots.store.Store` and
-a monitor as arguments (anything that implements
-:class:`~kvmslots.monitor.MonitorLike`), so a lifecycle manager can hand in
-its own connection and tests can hand in a fault-injecting one.
-:mod:`kvmslots.sync` wraps them for callers that are not async.
-"""
+:mod:`.reconcile`, and :mod:`.adopt` for a running VM kvmslots did not start.
+These coroutines take a :class:`~kvmslots.store.Store` and a monitor as
+arguments (anything that implements :class:`~kvmslots.monitor.MonitorLike`),
+so a lifecycle manager can hand in its own connection and tests can hand in a
+fault-injecting one. :mod:`kvmslots.sync` wraps them for callers that are not
+async. """
 
 from .add import hot_add, hot_add_group, hot_add_many
+from .adopt import AdoptReport, adopt
 from .boot import BootPlan, plan_boot
 from .common import refuse_raw_passthrough
 from .reconcile import ReconcileReport, reconcile
@@ -34,5 +35,7 @@ __all__ = [
     "hot_del",
     "reconcile",
     "watch_unplugs",
+    "adopt",
+    "AdoptReport",
     "refuse_raw_passthrough",
 ]

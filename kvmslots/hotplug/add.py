@@ -16,13 +16,12 @@ from typing import Any, Sequence
 
 from ..capabilities import QemuCapabilities, check_capabilities, check_qemu, hotplug_support, known_support
 from ..errors import (
-    KvmSlotsError,
     BusNotHotpluggable,
     DeviceAddFailed,
     DeviceExists,
     HotplugError,
     InvalidPciRequest,
-    MonitorConnectionLost,
+    KvmSlotsError,
     MonitorError,
     MonitorTimeout,
     QemuCommandError,
@@ -32,13 +31,11 @@ from ..errors import (
     VerificationFailed,
 )
 from ..model import Device, DeviceGroup, DeviceSpec, DeviceState
-from ..monitor import MonitorLike, validate_timeout
+from ..monitor import AddsAndViews, KeepsConnectionFacts, MonitorLike, Reconnects, validate_timeout
 from ..passthrough import HostDevices, PassthroughSpec, holds_host_device
 from ..pciview import PciOccupancy
 from ..store import Store
 from .common import (
-    unplug_taken,
-    removed_from_view,
     RACE_RETRIES,
     SLOT_TAKEN_TEXT,
     Unit,
@@ -51,11 +48,13 @@ from .common import (
     log,
     members,
     refuse_raw_passthrough,
+    removed_from_view,
     restore,
     topology,
     typed,
     typed_unit,
     unit_devices,
+    unplug_taken,
 )
 
 
@@ -140,7 +139,9 @@ async def hot_add_many(
     for unit in units:
         refuse_raw_passthrough(unit)
         if not isinstance(unit, (DeviceSpec, DeviceGroup)):
-            raise InvalidPciRequest("hot_add_many takes DeviceSpec and DeviceGroup only; add passthrough devices with hot_add")
+            raise InvalidPciRequest(
+                "hot_add_many takes DeviceSpec and DeviceGroup only; add passthrough devices with hot_add"
+            )
     check_unique_uuids(units)
     if not units:
         return []
@@ -152,7 +153,7 @@ async def hot_add_many(
 
 async def _view(monitor: MonitorLike, fresh: bool) -> PciOccupancy:
     """The placement view kept for this connection, or a fresh one (and kept)."""
-    cached: PciOccupancy | None = getattr(monitor, "placement_view", None)
+    cached = monitor.placement_view if isinstance(monitor, KeepsConnectionFacts) else None
     if cached is not None and not fresh:
         return cached
     view = await monitor.pci(placement_only=True)
@@ -161,14 +162,14 @@ async def _view(monitor: MonitorLike, fresh: bool) -> PciOccupancy:
 
 
 def _keep(monitor: MonitorLike, view: PciOccupancy | None) -> None:
-    if hasattr(monitor, "placement_view"):
+    if isinstance(monitor, KeepsConnectionFacts):
         monitor.placement_view = view
 
 
 async def _add_units(
     store: Store, monitor: MonitorLike, vm: str, units: list[Unit], undo_timeout: float
 ) -> list[Device]:
-    caps = getattr(monitor, "capabilities", None)
+    caps = monitor.capabilities if isinstance(monitor, KeepsConnectionFacts) else None
     if caps is None:  # first add on this connection: probe (and refuse) before anything is reserved
         caps = await check_qemu(monitor, store.get_vm(vm))
     explicit = any(unit.slot is not None for unit in units)
@@ -239,10 +240,8 @@ def _verify(reserved: list[tuple[list[Device], int | None]], after: PciOccupancy
 
 async def _add_and_view(monitor: MonitorLike, arguments: dict[str, Any]) -> PciOccupancy:
     """device_add, then the placement view (pipelined where the monitor can)."""
-    pipelined = getattr(monitor, "device_add_and_view", None)
-    if pipelined is not None:
-        view: PciOccupancy = await pipelined(arguments)
-        return view
+    if isinstance(monitor, AddsAndViews):
+        return await monitor.device_add_and_view(arguments)
     await monitor.device_add(arguments)
     try:
         return await monitor.pci(placement_only=True)
@@ -450,10 +449,9 @@ async def _undo_unknown(
         view = await monitor.pci()
     except MonitorError:
         # After silence (MonitorTimeout) QEMU is wedged: asking again would only wait again.
-        reconnect = None if isinstance(cause, MonitorTimeout) else getattr(monitor, "reconnect", None)
-        if reconnect is not None:
+        if not isinstance(cause, MonitorTimeout) and isinstance(monitor, Reconnects):
             try:
-                await reconnect()
+                await monitor.reconnect()
                 view = await monitor.pci()
             except MonitorError as exc:
                 log.error("Reconnect after a lost connection failed: %s", exc)

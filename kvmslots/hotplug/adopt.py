@@ -30,7 +30,7 @@ from ..capabilities import probe
 from ..devid import is_passthrough_driver, parse_device_id, uuid8, validate_dev_type, validate_uuid
 from ..errors import InvalidDeviceId, QemuCommandError, QemuIncompatible, StateImportError, ValidationError
 from ..model import Controller, ControllerKind, Device, DeviceState, VMSpec
-from ..monitor import MonitorLike
+from ..monitor import MonitorLike, RunsQmp
 from ..pciview import PCIE_PORT_IDS, PciFunction, PciOccupancy
 from ..slots import NUM_SLOTS
 from ..store import Store
@@ -74,7 +74,9 @@ def parse_uuids(document: Any) -> dict[str, str | None]:
     their first group are refused, since a device id could not tell them apart.
     """
     if not isinstance(document, list):
-        raise StateImportError("The UUID list must be a JSON list of UUIDs or of {\"uuid\": ..., \"type\": ...} objects")
+        raise StateImportError(
+            "The UUID list must be a JSON list of UUIDs or of {\"uuid\": ..., \"type\": ...} objects"
+        )
     found: dict[str, str | None] = {}
     for index, entry in enumerate(document):
         where = f"uuids[{index}]"
@@ -82,7 +84,9 @@ def parse_uuids(document: Any) -> dict[str, str | None]:
             if isinstance(entry, Mapping):
                 unknown = set(entry) - {"uuid", "type"}
                 if unknown or "uuid" not in entry:
-                    raise ValidationError(f"an object has 'uuid' and optionally 'type', got keys {sorted(map(str, entry))}")
+                    raise ValidationError(
+                        f"an object has 'uuid' and optionally 'type', got keys {sorted(map(str, entry))}"
+                    )
                 uuid, dev_type = validate_uuid(entry["uuid"]), entry.get("type")
                 if dev_type is not None:
                     validate_dev_type(dev_type)
@@ -254,11 +258,10 @@ def _mark_groups(devices: list[Device]) -> None:
 
 
 async def _qom(monitor: MonitorLike, qdev_id: str, prop: str) -> Any:
-    execute = getattr(monitor, "execute", None)
-    if execute is None:
+    if not isinstance(monitor, RunsQmp):
         return None
     try:
-        return await execute("qom-get", {"path": f"/machine/peripheral/{qdev_id}", "property": prop})
+        return await monitor.execute("qom-get", {"path": f"/machine/peripheral/{qdev_id}", "property": prop})
     except QemuCommandError:
         return None
 

@@ -100,7 +100,9 @@ def _host_for_boot(
 ) -> str:
     """The host address a passthrough device boots with: the one it holds, or a new claim."""
     if host is None:
-        raise InvalidPciRequest(f"Passthrough device {spec.uuid} needs host=HostDevices(tracker) to claim a host device")
+        raise InvalidPciRequest(
+            f"Passthrough device {spec.uuid} needs host=HostDevices(tracker) to claim a host device"
+        )
     if stored is not None and is_passthrough(stored):
         address = str(stored.props["host"])
         held = host.tracker.get_instance_pci_devs(vm, spec.uuid)
@@ -160,7 +162,9 @@ def _plan_boot(store: Store, vm: VMSpec | str, units: list[Unit]) -> BootPlan:
         remaining = len(units) - len(places)
         for index, unit in enumerate(units):  # then the rest, in order
             if index not in places:
-                place = topo.place(len(members(unit)), bus=unit.bus, slot=unit.slot, remaining=remaining, holder=unit.uuid)
+                place = topo.place(
+                    len(members(unit)), bus=unit.bus, slot=unit.slot, remaining=remaining, holder=unit.uuid
+                )
                 places[index] = (place.bus, place.slot)
                 remaining -= 1
         topo.ensure_spare_ports()

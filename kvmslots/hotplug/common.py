@@ -9,7 +9,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from ..devid import coerce_props, is_passthrough_driver
 from ..errors import DeviceExists, InvalidDriver, InvalidPciRequest, QemuCommandError, StateError
 from ..model import Device, DeviceGroup, DeviceSpec, DeviceState, VMSpec
-from ..monitor import MonitorLike
+from ..monitor import KeepsConnectionFacts, MonitorLike, TypesProperties
 from ..passthrough import HostDevices, PassthroughSpec, is_passthrough
 from ..pciview import PciFunction, PciOccupancy
 from ..store import Store, Transaction
@@ -105,11 +105,11 @@ async def typed(monitor: MonitorLike, spec: DeviceSpec) -> DeviceSpec:
     the text it was given as.  A model QEMU does not know is left to
     ``device_add`` to refuse, with QEMU's own message.
     """
-    lookup = getattr(monitor, "property_types", None)
-    if lookup is None or not any(isinstance(v, str) and any(c.isdigit() for c in v) for v in spec.props.values()):
+    numbers = any(isinstance(v, str) and any(c.isdigit() for c in v) for v in spec.props.values())
+    if not numbers or not isinstance(monitor, TypesProperties):
         return spec
     try:
-        types = await lookup(spec.driver)
+        types = await monitor.property_types(spec.driver)
     except QemuCommandError:
         return spec
     return replace(spec, props=coerce_props(spec.props, types))
@@ -211,9 +211,8 @@ async def _device_del(
 
 def removed_from_view(monitor: MonitorLike, qdev_ids: Iterable[str]) -> None:
     """Keep the connection's placement view true after a confirmed removal (see :mod:`.add`)."""
-    view = getattr(monitor, "placement_view", None)
-    if view is not None:
-        monitor.placement_view = view.without(set(qdev_ids))  # type: ignore[attr-defined]
+    if isinstance(monitor, KeepsConnectionFacts) and monitor.placement_view is not None:
+        monitor.placement_view = monitor.placement_view.without(set(qdev_ids))
 
 
 def arguments_in_plug_order(devices: Sequence[Device]) -> list[dict[str, Any]]:

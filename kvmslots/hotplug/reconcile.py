@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-from ..errors import MonitorError, QemuCommandError, UnplugGuestError
-from ..model import Device, DeviceState, VMSpec
-from ..monitor import MonitorLike, validate_timeout
+from ..errors import QemuCommandError, UnplugGuestError
+from ..model import Device, DeviceState
+from ..monitor import KeepsConnectionFacts, MonitorLike, validate_timeout
 from ..passthrough import HostDevices
 from ..pciview import PciOccupancy
 from ..store import Store, Transaction
 from ..topology import Topology
-from .common import unplug_taken, removed_from_view, UnplugRecorder, forget_all, group_of, log, require_host, topology
+from .common import UnplugRecorder, forget_all, group_of, log, removed_from_view, require_host, topology, unplug_taken
+
 
 @dataclass
 class ReconcileReport:
@@ -95,7 +96,7 @@ async def reconcile(
         before = {d.qemu_id: d for d in store.devices(vm)}
         require_host(vm, before.values(), host, "reconcile")
         view = await monitor.pci()
-        if hasattr(monitor, "placement_view"):
+        if isinstance(monitor, KeepsConnectionFacts):
             monitor.placement_view = view  # the freshest view there is
         report, unsent = _reconcile_view(store, vm, view)
         try:

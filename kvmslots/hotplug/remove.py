@@ -19,7 +19,7 @@ from ..model import Device, DeviceState
 from ..monitor import Monitor, MonitorLike, validate_timeout
 from ..passthrough import HostDevices, is_passthrough
 from ..store import Store
-from .common import unplug, removed_from_view, UnplugRecorder, find, forget_all, group_of, require_host, restore
+from .common import UnplugRecorder, find, forget_all, group_of, removed_from_view, require_host, restore, unplug
 
 
 class HotDelStatus(str, enum.Enum):
@@ -83,7 +83,9 @@ async def hot_del(
     async with store.vm_lock(vm):
         found = find(store, vm, uuid) if host is None else None
         if found is not None and is_passthrough(found):
-            raise InvalidPciRequest(f"Device {uuid} passes a host device through: hot_del needs host=HostDevices(tracker)")
+            raise InvalidPciRequest(
+                f"Device {uuid} passes a host device through: hot_del needs host=HostDevices(tracker)"
+            )
         result = await _hot_del(store, monitor, vm, uuid, timeout)
         if result.removed:
             removed_from_view(monitor, (d.qemu_id for d in result.devices))
@@ -112,7 +114,8 @@ async def _hot_del(store: Store, monitor: MonitorLike, vm: str, uuid: str, timeo
     first = group[0]
     asked = next(d for d in group if d.uuid == uuid)
     others = [d.qemu_id for d in group[1:]]
-    recorder = UnplugRecorder(store, vm, [d.uuid for d in group])  # QEMU has the device_del: a crash from then on is "pending"
+    # QEMU has the device_del: a crash from then on is "pending"
+    recorder = UnplugRecorder(store, vm, [d.uuid for d in group])
 
     try:
         deleted = await unplug(monitor, first.qemu_id, timeout, recorder, others)

@@ -25,7 +25,15 @@ from .._shown import shown
 from ..errors import InvalidDevicesJson, PciDeviceInvalidOwner, PciDeviceInvalidStatus, ValidationError
 from .address import DEV_TYPE_PCI, DEV_TYPE_PF, DEV_TYPE_VF, DEV_TYPES, canonical_address, validate_pci_id
 
-__all__ = ["PciStatus", "PciDevice", "device_from_hypervisor", "has_32bit_domain", "HYPERVISOR_FIELDS", "ASSIGNED"]
+__all__ = [
+    "PciStatus",
+    "PciDevice",
+    "device_from_hypervisor",
+    "hypervisor_record",
+    "has_32bit_domain",
+    "HYPERVISOR_FIELDS",
+    "ASSIGNED",
+]
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +225,14 @@ def _set_status(devices: Iterable[PciDevice], status: PciStatus) -> list[PciDevi
 
 def device_from_hypervisor(raw: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> PciDevice:
     """Validate one record of the hypervisor's JSON device list into a :class:`PciDevice`."""
+    return PciDevice(**hypervisor_record(raw), tags=dict(tags or {}))
+
+
+def hypervisor_record(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate one record of the hypervisor's JSON device list: its :data:`HYPERVISOR_FIELDS`, in
+    their canonical form (the one place that knows a record's rules, for the tracker and for
+    :mod:`~kvmslots.pci.discovery`).  :class:`~kvmslots.errors.InvalidDevicesJson` names what is wrong.
+    """
     if not isinstance(raw, Mapping):
         raise InvalidDevicesJson(f"Each device must be a JSON object, got {type(raw).__name__}")
     where = f"device {shown(raw.get('address'))}"
@@ -245,28 +261,23 @@ def device_from_hypervisor(raw: Mapping[str, Any], tags: Mapping[str, str] | Non
             raise InvalidDevicesJson(f"{where}: a VF cannot be its own parent")
     elif parent_addr is not None:
         raise InvalidDevicesJson(f"{where}: only a type-VF has a parent_addr")
-    numa_node = _optional_int(_numa_number(raw.get("numa_node")), f"{where}: numa_node", allow_negative_one=True)
-    iommu_group = _optional_int(raw.get("iommu_group"), f"{where}: iommu_group")
-    strings: dict[str, str | None] = {}
+    record: dict[str, Any] = {
+        "address": address,
+        "vendor_id": vendor_id,
+        "product_id": product_id,
+        "dev_type": dev_type,
+        "parent_addr": parent_addr,
+        "numa_node": _optional_int(_numa_number(raw.get("numa_node")), f"{where}: numa_node", allow_negative_one=True),
+        "iommu_group": _optional_int(raw.get("iommu_group"), f"{where}: iommu_group"),
+    }
     for key in ("dev_id", "label", "devname", "parent_devname"):
         value = raw.get(key)
         if value is not None and (not isinstance(value, str) or not value or len(value) > 64):
             raise InvalidDevicesJson(f"{where}: {key} must be a short string, got {shown(value)}")
-        strings[key] = value
-    return PciDevice(
-        address=address,
-        vendor_id=vendor_id,
-        product_id=product_id,
-        dev_type=dev_type,
-        parent_addr=parent_addr,
-        numa_node=numa_node,
-        iommu_group=iommu_group,
-        dev_id=strings["dev_id"],
-        label=strings["label"],
-        devname=strings["devname"],
-        parent_devname=strings["parent_devname"] if dev_type == DEV_TYPE_VF else None,
-        tags=dict(tags or {}),
-    )
+        record[key] = value
+    if dev_type != DEV_TYPE_VF:
+        record["parent_devname"] = None
+    return record
 
 
 def _numa_number(value: object) -> object:

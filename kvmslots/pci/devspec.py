@@ -51,7 +51,13 @@ from types import MappingProxyType
 from typing import Any
 
 from .._shown import shown
-from ..errors import InvalidDevicesJson, InvalidDeviceSpec, InvalidPciAddress, PciDeviceInvalidPFRemoteManaged
+from ..errors import (
+    InvalidDevicesJson,
+    InvalidDeviceSpec,
+    InvalidPciAddress,
+    PciDeviceInvalidPFRemoteManaged,
+    ValidationError,
+)
 from .address import (
     DEV_TYPE_PF,
     MAX_BUS,
@@ -512,37 +518,48 @@ def _device_addresses(dev: Mapping[str, Any]) -> tuple[PciAddress, str, str | No
 
 # --- the whole list --------------------------------------------------------------
 
-def _load_json(text: str, where: str) -> Any:
+def load_json(text: str | bytes, where: str, error: type[ValidationError]) -> Any:
+    """*text* as JSON; *error* ("*where* is not valid JSON", with the start of the text) if it is not."""
     try:
         return json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        raise InvalidDeviceSpec(f"{where} is not valid JSON: {exc}: {shown(text, 82)}") from None
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise error(f"{where} is not valid JSON: {exc}: {shown(text, 82)}") from None
 
 
-def _flatten(entries: ConfigItem | None) -> Iterator[tuple[Any, str]]:
-    """Yield ``(raw entry, where)`` for every entry in config order."""
-    if entries is None:
+def config_entries(
+    config: ConfigItem | None, option: str, error: type[ValidationError], kind: str = "entries"
+) -> Iterator[tuple[Any, str]]:
+    """Yield ``(raw entry, where)`` for every entry of a multi-valued JSON option of nova.conf's
+    ``[pci]`` section (``device_spec``, ``alias``), in config order.
+
+    *config* is a list whose items are JSON strings (one per ``option =`` line), dicts, or lists of
+    those; or one JSON string holding a list (or one object); or one dict.  A string item may itself
+    hold a JSON list.  *where* names the entry (``alias entry 2``, ``device_spec entry 0[1]``) for the
+    caller's errors; the members of a list are the caller's to check.  Malformed JSON, or a config or
+    item of another shape, raises *error*.
+    """
+    if config is None:
         return
-    if isinstance(entries, str):
-        loaded = _load_json(entries, "device_spec")
+    if isinstance(config, str):
+        loaded = load_json(config, option, error)
         items = loaded if isinstance(loaded, list) else [loaded]
-    elif isinstance(entries, Mapping):
-        items = [entries]
-    elif isinstance(entries, (list, tuple)):
-        items = list(entries)
+    elif isinstance(config, Mapping):
+        items = [config]
+    elif isinstance(config, (list, tuple)):
+        items = list(config)
     else:
-        raise InvalidDeviceSpec(f"device_spec must be a list of entries, got {type(entries).__name__}")
+        raise error(f"{option} must be a list of {kind}, got {type(config).__name__}")
     for index, item in enumerate(items):
-        where = f"device_spec entry {index}"
+        where = f"{option} entry {index}"
         if isinstance(item, str):
-            item = _load_json(item, where)
+            item = load_json(item, where, error)
         if isinstance(item, list):
             for sub, inner in enumerate(item):
                 yield inner, f"{where}[{sub}]"
         elif isinstance(item, Mapping):
             yield item, where
         else:
-            raise InvalidDeviceSpec(f"{where}: expected a JSON object or a list of objects, got {shown(item)}")
+            raise error(f"{where}: expected a JSON object or a list of objects, got {shown(item)}")
 
 
 class Whitelist:
@@ -581,7 +598,8 @@ class Whitelist:
         ``device_spec =`` line), dicts, or lists of those; or one JSON string
         holding a list.  A string item may itself hold a JSON list.
         """
-        return cls(DeviceSpecEntry.from_dict(raw, where) for raw, where in _flatten(entries))
+        listed = config_entries(entries, "device_spec", InvalidDeviceSpec)
+        return cls(DeviceSpecEntry.from_dict(raw, where) for raw, where in listed)
 
     def __len__(self) -> int:
         return len(self.specs)

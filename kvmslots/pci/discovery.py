@@ -52,7 +52,7 @@ from typing import Any, TypeVar
 
 from ..errors import DiscoveryError, InvalidPciAddress
 from .address import DEV_TYPE_PCI, DEV_TYPE_PF, DEV_TYPE_VF, MAX_DOMAIN, PciAddress, parse_address
-from .device import has_32bit_domain
+from .device import has_32bit_domain, hypervisor_record
 
 __all__ = [
     "PciRecord",
@@ -73,6 +73,10 @@ log = logging.getLogger(__name__)
 _HEX_ID_RE = re.compile(r"[0-9a-fA-F]{1,4}")
 
 _VIR_ERR_NO_NODE_DEVICE = 53  # libvirt's VIR_ERR_NO_NODE_DEVICE (stable ABI value)
+#: A record's keys in the order discovery lists them; the optional ones only where known.
+_RECORD_KEYS = ("dev_id", "address", "vendor_id", "product_id", "numa_node", "label", "dev_type", "parent_addr",
+                "iommu_group", "devname")
+_OPTIONAL_KEYS = frozenset({"parent_addr", "devname"})
 
 
 # --- records -----------------------------------------------------------------
@@ -98,35 +102,28 @@ def make_record(
     iommu_group: int | None = None,
     devname: str | None = None,
 ) -> PciRecord:
-    """One device record in Nova's format (ids normalised to 4 lowercase hex digits).
+    """One device record in Nova's format (ids normalised to 4 lowercase hex digits), checked by the
+    tracker's own rules (:func:`~kvmslots.pci.device.hypervisor_record`).
 
-    Raises :class:`ValueError` (:class:`InvalidPciAddress` for addresses) on bad input.
+    Raises :class:`ValueError` (:class:`InvalidPciAddress` for addresses,
+    :class:`~kvmslots.errors.InvalidDevicesJson` for the rest) on bad input.
     """
     addr = address if isinstance(address, PciAddress) else parse_address(address)
     vendor = _pci_id(vendor_id, "vendor id")
     product = _pci_id(product_id, "product id")
-    if dev_type not in (DEV_TYPE_PCI, DEV_TYPE_PF, DEV_TYPE_VF):
-        raise ValueError(f"unknown dev_type {dev_type!r}")
-    if numa_node is not None and numa_node < 0:
-        numa_node = None
-    record: PciRecord = {
+    record = hypervisor_record({
         "dev_id": addr.dev_id,
         "address": str(addr),
         "vendor_id": vendor,
         "product_id": product,
-        "numa_node": numa_node,
+        "numa_node": None if numa_node is not None and numa_node < 0 else numa_node,
         "label": f"label_{vendor}_{product}",
         "dev_type": dev_type,
-    }
-    if dev_type == DEV_TYPE_VF:
-        if parent_addr is None:
-            raise ValueError(f"VF {addr} has no parent PF address")
-        parent = parent_addr if isinstance(parent_addr, PciAddress) else parse_address(parent_addr)
-        record["parent_addr"] = str(parent)
-    record["iommu_group"] = iommu_group
-    if devname:
-        record["devname"] = devname
-    return record
+        "parent_addr": None if parent_addr is None else str(parent_addr),
+        "iommu_group": iommu_group,
+        "devname": devname or None,
+    })
+    return {key: record[key] for key in _RECORD_KEYS if key not in _OPTIONAL_KEYS or record[key] is not None}
 
 
 def with_parent_devnames(records: list[PciRecord]) -> list[PciRecord]:

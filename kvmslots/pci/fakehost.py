@@ -37,7 +37,7 @@ from .address import (
     PciAddress,
     parse_address,
 )
-from .discovery import with_parent_devnames, PciRecord, make_record
+from .discovery import PciRecord, make_record, with_parent_devnames
 
 __all__ = ["TEST_HOST_UUID", "build_sysfs_tree", "libvirt_test_xml", "sriov_topology"]
 

@@ -9,12 +9,13 @@ flavor extra spec ``pci_passthrough:alias = "QAT:2, GPU:1"``::
 Aliases sharing a name are alternatives (any one of them may answer) and
 must agree on ``device_type`` and ``numa_policy``.  As in Nova 34 every alias
 names both ``vendor_id`` and ``product_id``, and an unknown key is an error
-(a typo must not become a tag no device carries).  Following the SR-IOV wiki
-(seed 004) an alias may also name device tags that a device must carry: the
-well-known ones (:data:`ALIAS_TAG_KEYS`, e.g. ``"physical_network":
-"physnet1"``) and any tag the caller allows with ``extra_tags`` (the tags
-of its ``device_spec``).  The boolean tags (:data:`BOOL_TAGS`) are
-normalised to ``"true"``/``"false"``, as ``device_spec`` tags are.
+(a typo must not become a tag no device carries).  Following the OpenStack
+wiki's SR-IOV design ("PCI passthrough SRIOV support") an alias may also
+name device tags that a device must carry: the well-known ones
+(:data:`ALIAS_TAG_KEYS`, e.g. ``"physical_network": "physnet1"``) and any
+tag the caller allows with ``extra_tags`` (the tags of its ``device_spec``).
+The boolean tags (:data:`BOOL_TAGS`) are normalised to ``"true"``/``"false"``,
+as ``device_spec`` tags are.
 
 A flavor's extra spec becomes a list of :class:`InstancePciRequest`, each
 with a fresh ``request_id``: that id is later stamped on the devices that
@@ -32,7 +33,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -40,7 +41,7 @@ from typing import Any
 from .._shown import shown
 from ..errors import AliasNotDefined, InvalidAlias, InvalidPciRequest
 from .address import DEV_TYPES
-from .devspec import BOOL_TAGS, TAG_NAME_RE, bool_word
+from .devspec import BOOL_TAGS, TAG_NAME_RE, bool_word, config_entries, load_json
 
 __all__ = [
     "NUMA_POLICY_REQUIRED",
@@ -95,7 +96,8 @@ _MAX_COUNT_DIGITS = 4000  # significant digits; below the 4300 digits Python's i
 _DEVICE_FIELDS = frozenset({"vendor_id", "product_id", "dev_type"})
 _ALIAS_KEYS = frozenset({"name", "vendor_id", "product_id", "device_type", "numa_policy", "capability_type"})
 #: Device tags an alias may require without being told of them (Nova 34's schema has only
-#: ``live_migratable``; the others are kvmslots' alias tags after the SR-IOV wiki, seed 004).
+#: ``live_migratable``; the others are kvmslots' alias tags after the OpenStack wiki's
+#: SR-IOV design, "PCI passthrough SRIOV support").
 ALIAS_TAG_KEYS = frozenset({"live_migratable", "managed", "physical_network", "remote_managed", "trusted"})
 _NOT_ALIAS_KEYS = {
     "dev_type": "use 'device_type'",
@@ -210,7 +212,7 @@ def parse_alias(raw: Any, where: str = "alias", extra_tags: Iterable[str] = ()) 
     ``extra_tags`` names device tags (beyond :data:`ALIAS_TAG_KEYS`) the alias may require.
     """
     if isinstance(raw, str):
-        raw = _load_json(raw, where, InvalidAlias)
+        raw = load_json(raw, where, InvalidAlias)
     spec = _alias_from_object(raw, where, _tag_names(extra_tags))
     _require_ids({spec.name: [spec]})
     return spec
@@ -244,29 +246,6 @@ def _alias_from_object(raw: Any, where: str, extra_tags: frozenset[str] = frozen
     )
 
 
-def _alias_items(config: Any) -> Iterator[tuple[Any, str]]:
-    if config is None:
-        return
-    if isinstance(config, str):
-        loaded = _load_json(config, "alias", InvalidAlias)
-        items = loaded if isinstance(loaded, list) else [loaded]
-    elif isinstance(config, Mapping):
-        items = [config]
-    elif isinstance(config, (list, tuple)):
-        items = list(config)
-    else:
-        raise InvalidAlias(f"alias config must be a list of aliases, got {type(config).__name__}")
-    for index, item in enumerate(items):
-        where = f"alias entry {index}"
-        if isinstance(item, str):
-            item = _load_json(item, where, InvalidAlias)
-        if isinstance(item, list):
-            for sub, inner in enumerate(item):
-                yield inner, f"{where}[{sub}]"
-        else:
-            yield item, where
-
-
 def parse_aliases(config: Any, extra_tags: Iterable[str] = ()) -> dict[str, list[AliasSpec]]:
     """Parse ``[pci] alias``: alias name -> its alternatives, in config order.
 
@@ -281,7 +260,7 @@ def parse_aliases(config: Any, extra_tags: Iterable[str] = ()) -> dict[str, list
     """
     tags = _tag_names(extra_tags)
     aliases: dict[str, list[AliasSpec]] = {}
-    for raw, where in _alias_items(config):
+    for raw, where in config_entries(config, "alias", InvalidAlias, "aliases"):
         spec = _alias_from_object(raw, where, tags)
         known = aliases.setdefault(spec.name, [])
         if known:
@@ -400,7 +379,7 @@ class InstancePciRequest:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> InstancePciRequest:
-        return cls.from_dict(_load_json(text, "stored PCI request", InvalidPciRequest))
+        return cls.from_dict(load_json(text, "stored PCI request", InvalidPciRequest))
 
 
 def requests_to_json(requests: Iterable[InstancePciRequest]) -> str:
@@ -410,7 +389,7 @@ def requests_to_json(requests: Iterable[InstancePciRequest]) -> str:
 
 def requests_from_json(text: str | bytes) -> list[InstancePciRequest]:
     """The inverse of :func:`requests_to_json`, validated."""
-    loaded = _load_json(text, "stored PCI requests", InvalidPciRequest)
+    loaded = load_json(text, "stored PCI requests", InvalidPciRequest)
     if not isinstance(loaded, list):
         raise InvalidPciRequest(f"stored PCI requests must be a JSON list, got {type(loaded).__name__}")
     return [InstancePciRequest.from_dict(item) for item in loaded]
@@ -591,11 +570,3 @@ def request_matches(spec_alternatives: Iterable[Mapping[str, Any]], device: Any)
             return True
     return False
 
-
-# --- helpers -----------------------------------------------------------------------
-
-def _load_json(text: str | bytes, where: str, error: type[Exception]) -> Any:
-    try:
-        return json.loads(text)
-    except (ValueError, TypeError, RecursionError) as exc:
-        raise error(f"{where} is not valid JSON: {exc}") from None

@@ -87,9 +87,10 @@ class Pool:
 class PciDeviceStats:
     """The pools of one host.
 
-    *grouping_keys* names the tags that split pools (seed 004's
-    ``pci_grouping_key``); ``None`` groups by every tag.  *numa_sockets*
-    maps host NUMA node -> socket, for the ``socket`` policy.
+    *grouping_keys* names the tags that split pools (the ``pci_grouping_key``
+    of the OpenStack wiki's SR-IOV design, "PCI passthrough SRIOV support");
+    ``None`` groups by every tag.  *numa_sockets* maps host NUMA node ->
+    socket, for the ``socket`` policy.
     """
 
     def __init__(

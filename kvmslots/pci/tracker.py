@@ -181,12 +181,15 @@ class PciDevTracker:
             raise UnknownPciDevice(f"No tracked host PCI device at {address}")
         return device
 
-    def get_instance_pci_devs(self, instance: str | Mapping[str, Any], request_id: str | None = None) -> list[PciDevice]:
+    def get_instance_pci_devs(
+        self, instance: str | Mapping[str, Any], request_id: str | None = None
+    ) -> list[PciDevice]:
         """Devices claimed or allocated by *instance* for one request.
 
         ``request_id=None`` gives the devices of generic (flavor alias)
         requests, ``'all'`` every device of the instance, a request id the
-        devices that answered that request (the marker of seed 004).
+        devices that answered that request (the request marker of the OpenStack
+        wiki's SR-IOV design, "PCI passthrough SRIOV support").
         """
         self.refresh()
         uuid = instance_uuid_of(instance)
@@ -410,7 +413,9 @@ class PciDevTracker:
         if pci_requests is None:
             pci_requests = _requests_from_instance(instance)
         if isinstance(pci_requests, (str, bytes, Mapping)) or not isinstance(pci_requests, Iterable):
-            raise InvalidPciRequest(f"pci_requests must be a list of InstancePciRequest, got {type(pci_requests).__name__}")
+            raise InvalidPciRequest(
+                f"pci_requests must be a list of InstancePciRequest, got {type(pci_requests).__name__}"
+            )
         requests = list(pci_requests)
         if not all(isinstance(r, InstancePciRequest) for r in requests):
             raise InvalidPciRequest("pci_requests must hold InstancePciRequest objects")

@@ -269,7 +269,8 @@ class SqlTransaction:
     def add_controller(self, vm: str, controller: Controller) -> None:
         vm = self._vm(vm)
         clash = self.execute(
-            "SELECT id FROM controllers WHERE vm = ? AND (id = ? OR chassis = ? OR (bus = ? AND slot = ? AND function = ?))",
+            "SELECT id FROM controllers "
+            "WHERE vm = ? AND (id = ? OR chassis = ? OR (bus = ? AND slot = ? AND function = ?))",
             (vm, controller.id, controller.chassis, controller.bus, controller.slot, controller.function),
         ).fetchone()
         if clash is not None:
@@ -411,7 +412,8 @@ def _device_order(device: Device) -> tuple[str, int, int]:
 def _row_to_device(row: Sequence[Any]) -> Device:
     uuid, dev_type, driver, props, bus, slot, state, function, multifunction, given_id = row
     return Device(
-        uuid, dev_type, driver, json.loads(props), bus, slot, DeviceState(state), function, bool(multifunction), given_id
+        uuid, dev_type, driver, json.loads(props), bus, slot, DeviceState(state), function, bool(multifunction),
+        given_id,
     )
 
 

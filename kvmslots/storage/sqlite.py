@@ -242,7 +242,7 @@ def _private_dir(path: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             info = locks.lstat()
             if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
-                raise StateError(f"{locks} is not a directory of ours")
+                raise StateError(f"{locks} is not a directory of ours") from None
             _tighten(locks, info, 0o700)
 
 
