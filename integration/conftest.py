@@ -3,7 +3,7 @@
 They deliberately FAIL (never skip) when QEMU or the test guest is missing:
 a skipped hotplug test looks green while testing nothing. Install QEMU with
 ``apt-get install qemu-system-x86`` and build the guest with
-``runtime/build-guest.sh``. Logs of each VM are kept in the test's
+``runtime/build-guest.sh`` (or ``kvmslots guest build``). Logs of each VM are kept in the test's
 ``tmp_path`` (qemu.log, console.log, qtest.log) for post-mortems.
 """
 
