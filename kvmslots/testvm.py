@@ -15,6 +15,15 @@ removal would never complete. This module gives two kinds of throw-away VM:
   (:meth:`TestVM.acpi_eject`) or withhold it, to test an unplug the guest never
   acknowledges. (Debian's QEMU ships no ``qtest`` accelerator, so this mode is
   TCG with the CPUs stopped by ``-S``: no firmware or guest code ever runs.)
+* ``mode="passthrough"`` boots the second guest (``kvmslots guest build
+  --passthrough``) on a ``q35`` machine with an emulated IOMMU (``intel-iommu``,
+  interrupt remapping on) and an SR-IOV capable NVMe controller, so that host
+  PCI passthrough - virtual functions, IOMMU groups, ``vfio-pci`` - runs on a
+  real kernel. Its root filesystem has python3, ``qemu-system-x86_64`` and
+  ``nvme-cli``; this kvmslots (and its dependencies) is handed to it at every
+  start on a read-only disk, so the guest always runs the code under test.
+  :meth:`TestVM.run_script` runs a script there and returns its output and
+  exit status.
 
 Both use TCG unless KVM is asked for (``accel="kvm"`` or ``KVMSLOTS_ACCEL=kvm``),
 because nested KVM guests hang on the machines this project is built on.
@@ -25,6 +34,7 @@ process is killed outright: a test run never leaves a QEMU behind.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ctypes
 import ctypes.util
@@ -45,7 +55,7 @@ from pathlib import Path
 from typing import IO
 
 from kvmslots.errors import GuestBootTimeout, GuestFilesMissing, InvalidSlot, TestVMError
-from kvmslots.guest import BUILD_COMMAND, GUEST_DIR_ENV, default_guest_dir
+from kvmslots.guest import BUILD_COMMAND, GUEST_DIR_ENV, PASSTHROUGH_SUBDIR, default_guest_dir
 
 __all__ = [
     "TestVM",
@@ -55,17 +65,89 @@ __all__ = [
     "slots_on_bus",
     "KERNEL_NAME",
     "INITRAMFS_NAME",
+    "ROOTFS_NAME",
+    "PASSTHROUGH_SUBDIR",
+    "GUEST_PYTHON_PACKAGES",
+    "find_passthrough_files",
+    "sriov_nvme_args",
+    "write_python_tar",
 ]
 
 KERNEL_NAME = "vmlinuz"
 INITRAMFS_NAME = "initramfs.cpio.gz"
+#: The passthrough guest's root disk image, in the ``passthrough`` subdirectory of the guest directory.
+ROOTFS_NAME = "rootfs.ext4"
+#: The passthrough guest's package list (written last by the recipe); names the guest's python.
+PACKAGES_NAME = "packages.txt"
+#: What the passthrough guest gets of this host's Python at every start: kvmslots and what it imports.
+GUEST_PYTHON_PACKAGES = ("kvmslots", "qemu.qmp", "bitarray", "tenacity")
 #: A source checkout's guest (``bash runtime/build-guest.sh``), looked in before the per-user one.
 #: Only a checkout has ``runtime/build-guest.sh`` next to the package; an installed kvmslots has none.
 _CHECKOUT_RUNTIME = Path(__file__).resolve().parent.parent / "runtime"
 
 #: ACPI PCI hotplug eject register of the i440FX ``pc`` machine (0xae00 + 8).
 PC_ACPI_EJECT_PORT = 0xAE08
-_MODES = ("guest", "qtest")
+_MODES = ("guest", "qtest", "passthrough")
+_CONSOLE_MODES = ("guest", "passthrough")  # modes with a booted guest and a shell on the console
+_DEFAULT_MACHINE = {"guest": "pc", "qtest": "pc", "passthrough": "q35,kernel-irqchip=split"}
+_DEFAULT_MEMORY_MB = {"guest": 256, "qtest": 256, "passthrough": 1024}
+_DEFAULT_BOOT_TIMEOUT = {"guest": 60.0, "qtest": 60.0, "passthrough": 180.0}
+#: Serials of the passthrough guest's virtio disks; its /init finds them by these.
+_ROOT_SERIAL = "kvmslots-root"
+_PYTHON_SERIAL = "kvmslots-python"
+#: Where the passthrough guest keeps the scripts run_script sends (a tmpfs).
+_SCRIPT_DIR = "/run/kvmslots-scripts"
+#: busybox ash's line editor takes lines of up to 1024 bytes (CONFIG_FEATURE_EDITING_MAX_LEN);
+#: a longer command line is cut, and the shell waits for the rest of a quote that never comes.
+_CONSOLE_LINE_MAX = 1000
+_SCRIPT_CHUNK = 768  # base64 characters per console line while sending a script
+
+#: Enables $1 virtual functions of the SR-IOV NVMe controller with serial $2 and brings them
+#: up, the way QEMU 7.2's docs/system/devices/nvme.rst describes: a secondary controller (VF)
+#: stays offline, and no driver can use it, until the primary gave it flexible queue (VQ) and
+#: interrupt (VI) resources and set it online with the Virtualization Management command
+#: (nvme-cli `virt-mgmt`: -r 0 VQ / 1 VI, -a 8 assign, -a 9 online, -a 7 offline). VFs are
+#: created with driver autoprobe off, so the nvme driver does not fail on them while they are
+#: offline; once online they are probed, with autoprobe back on. Prints the VFs' addresses.
+_ENABLE_NVME_VFS = r"""
+set -eu
+count=$1 serial=$2
+ctrl= pf=
+for c in /sys/class/nvme/nvme*; do
+    # the controller's serial, without the spaces that pad it to 20 bytes
+    [ "$(sed 's/ *$//' "$c/serial" 2>/dev/null)" = "$serial" ] && [ ! -e "$c/device/physfn" ] || continue
+    ctrl=/dev/${c##*/} pf=$(readlink -f "$c/device")
+done
+[ -n "$ctrl" ] || { echo "no NVMe controller with serial $serial (is it a physical function?)"; exit 2; }
+caps=$(nvme primary-ctrl-caps "$ctrl")
+vq=$(echo "$caps" | awk '$1 == "vqfrsm" { print $3 }')
+vi=$(echo "$caps" | awk '$1 == "vifrsm" { print $3 }')
+if [ "$(cat "$pf/sriov_numvfs")" != 0 ]; then echo 0 >"$pf/sriov_numvfs"; fi
+[ "$count" -gt 0 ] || exit 0
+echo 0 >"$pf/sriov_drivers_autoprobe"
+echo "$count" >"$pf/sriov_numvfs"
+# "SCID ... : 0x0001" then "VFN ... : 0x0001" for each secondary controller
+nvme list-secondary "$ctrl" | awk '$1 == "SCID" { scid = $NF } $1 == "VFN" { print scid, $NF }' |
+while read -r scid vfn; do
+    [ $((vfn)) -le "$count" ] || continue
+    nvme virt-mgmt "$ctrl" -c $((scid)) -a 7 >/dev/null 2>&1 || true  # offline, if it was online
+    nvme virt-mgmt "$ctrl" -c $((scid)) -r 0 -a 8 -n "$vq" >/dev/null
+    nvme virt-mgmt "$ctrl" -c $((scid)) -r 1 -a 8 -n "$vi" >/dev/null
+    nvme virt-mgmt "$ctrl" -c $((scid)) -a 9 >/dev/null
+done
+echo 1 >"$pf/sriov_drivers_autoprobe"
+for link in "$pf"/virtfn*; do
+    vf=$(basename "$(readlink -f "$link")")
+    echo "$vf" >/sys/bus/pci/drivers_probe
+    tries=0
+    until [ -e "$link/driver" ]; do
+        tries=$((tries + 1))
+        [ "$tries" -le 200 ] || { echo "$vf: no driver took it"; exit 3; }
+        sleep 0.05
+    done
+    echo "VF $vf"
+done
+"""
 _SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes, NUL included
 _STOP_GRACE = 3.0  # seconds between SIGTERM and SIGKILL
 _PROBE_INTERVAL = 0.5  # seconds between readiness probes on the console
@@ -87,6 +169,29 @@ def find_guest_files(guest_dir: str | os.PathLike[str] | None = None) -> tuple[P
     be silently replaced by another guest. The error names the command that
     builds the guest where it was looked for.
     """
+    kernel, initramfs = _find_files(guest_dir, (KERNEL_NAME, INITRAMFS_NAME), "", BUILD_COMMAND)
+    return kernel, initramfs
+
+
+def find_passthrough_files(guest_dir: str | os.PathLike[str] | None = None) -> tuple[Path, Path, Path]:
+    """Return ``(kernel, initramfs, rootfs)`` of the passthrough guest.
+
+    They live in the ``passthrough`` subdirectory of the guest directory, which
+    is looked for as :func:`find_guest_files` does (``guest_dir`` names the
+    guest directory, not the subdirectory). ``kvmslots guest build
+    --passthrough`` builds them there.
+    """
+    kernel, initramfs, rootfs = _find_files(
+        guest_dir, (KERNEL_NAME, INITRAMFS_NAME, ROOTFS_NAME, PACKAGES_NAME), PASSTHROUGH_SUBDIR,
+        f"{BUILD_COMMAND} --passthrough",
+    )[:3]
+    return kernel, initramfs, rootfs
+
+
+def _find_files(
+    guest_dir: str | os.PathLike[str] | None, names: Sequence[str], subdir: str, build_command: str
+) -> list[Path]:
+    """``names`` in ``<guest directory>/<subdir>`` of the first guest directory that has them all."""
     if guest_dir is not None:
         candidates, origin = [Path(guest_dir)], "the guest_dir argument"
     elif os.environ.get(GUEST_DIR_ENV):
@@ -96,16 +201,17 @@ def find_guest_files(guest_dir: str | os.PathLike[str] | None = None) -> tuple[P
         if (_CHECKOUT_RUNTIME / "build-guest.sh").is_file() and (_CHECKOUT_RUNTIME / "out").is_dir():
             candidates.insert(0, _CHECKOUT_RUNTIME / "out")
     for directory in candidates:
-        kernel, initramfs = directory / KERNEL_NAME, directory / INITRAMFS_NAME
-        if kernel.is_file() and initramfs.is_file():
-            return kernel, initramfs
+        paths = [directory / subdir / name for name in names]
+        if all(path.is_file() for path in paths):
+            return paths
     directory = candidates[-1]  # the one the build command writes when given no directory
-    missing = [p for p in (directory / KERNEL_NAME, directory / INITRAMFS_NAME) if not p.is_file()]
-    also = "".join(f"; also looked in {other}" for other in candidates[:-1])
+    missing = [path for path in (directory / subdir / name for name in names) if not path.is_file()]
+    also = "".join(f"; also looked in {other / subdir if subdir else other}" for other in candidates[:-1])
     named = guest_dir is not None or bool(os.environ.get(GUEST_DIR_ENV))
-    command = f"{BUILD_COMMAND} {shlex.quote(str(directory))}" if named else BUILD_COMMAND
+    command = f"{build_command} {shlex.quote(str(directory))}" if named else build_command
+    what = "passthrough guest" if subdir else "test guest"
     raise GuestFilesMissing(
-        f"test guest not built: missing {', '.join(map(str, missing))} (from {origin}{also}). "
+        f"{what} not built: missing {', '.join(map(str, missing))} (from {origin}{also}). "
         f"Build it with: {command}"
     )
 
@@ -143,6 +249,85 @@ def slots_on_bus(addresses: Iterable[str], bus: int = 0, domain: int = 0) -> set
         if match and int(match[1], 16) == domain and int(match[2], 16) == bus:
             slots.add(int(match[3], 16))
     return slots
+
+
+def sriov_nvme_args(max_vfs: int = 4, *, addr: int = 2, bus: str | None = None) -> list[str]:
+    """QEMU arguments for an SR-IOV capable NVMe controller (QEMU >= 7.1) at slot ``addr``.
+
+    The controller (serial ``kvmslots-sriov``, in NVM subsystem
+    ``kvmslots-subsys``) can enable ``max_vfs`` virtual functions, at functions
+    1..max_vfs of its own slot. It has no namespace, so the guest sees no disk
+    on it. Each secondary controller (VF) can get 4 flexible queues (the admin
+    queue and 3 I/O queues) and 2 flexible interrupts; the primary keeps 4
+    queues and 4 interrupts of its own. QEMU 7.2 starts with no flexible
+    resource assigned to anyone (``nvme primary-ctrl-caps``: ``vqrfap`` and
+    ``virfap`` 0), and a VF stays offline - no driver can use it - until
+    ``nvme virt-mgmt`` gave it resources and set it online
+    (:meth:`TestVM.enable_nvme_vfs` does that).
+    """
+    if isinstance(max_vfs, bool) or not isinstance(max_vfs, int) or not 1 <= max_vfs <= 7:
+        raise ValueError(f"max_vfs must be 1..7 (VFs sit in functions 1..7 of the PF's slot), not {max_vfs!r}")
+    if isinstance(addr, bool) or not isinstance(addr, int) or not 0 < addr < 32:
+        raise InvalidSlot(f"addr must be a slot in 1..31, not {addr!r}")
+    where = f"addr={addr:#x}" + (f",bus={bus}" if bus else "")
+    return [
+        "-device", "nvme-subsys,id=kvmslots-subsys,nqn=kvmslots",
+        "-device", f"nvme,id=kvmslots-sriov,serial=kvmslots-sriov,subsys=kvmslots-subsys,{where},"
+                   f"sriov_max_vfs={max_vfs},sriov_vq_flexible={4 * max_vfs},sriov_vi_flexible={2 * max_vfs},"
+                   f"max_ioqpairs={4 * max_vfs + 3},msix_qsize={2 * max_vfs + 4}",
+    ]  # fmt: skip
+
+
+def _guest_python(packages_txt: Path) -> str | None:
+    """``"3.11"`` when the passthrough guest's package list names ``python3.11``; None when unknown."""
+    try:
+        text = packages_txt.read_text()
+    except OSError:
+        return None
+    match = re.search(r"^python(3\.\d+) ", text, re.MULTILINE)
+    return match[1] if match else None
+
+
+def write_python_tar(
+    path: Path, packages: Sequence[str] = GUEST_PYTHON_PACKAGES, *, guest_python: str | None = None
+) -> list[str]:
+    """Write a tar of the host's ``packages`` (import names) to ``path``, laid out as in site-packages.
+
+    ``qemu.qmp`` goes in as ``qemu/qmp/...`` and so on; ``__pycache__`` is
+    left out. Returns the names written. A package with compiled extension
+    modules cannot run on another Python minor version, so when
+    ``guest_python`` (``"3.11"``) differs from this interpreter's and a package
+    has one, :class:`TestVMError` says so.
+    """
+    import importlib.util
+    import sys
+    import tarfile
+
+    here = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    names: list[str] = []
+
+    def skip(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        base = info.name.rsplit("/", 1)[-1]
+        if base == "__pycache__" or base.endswith((".pyc", ".pyo")):
+            return None
+        if guest_python and guest_python != here and base.endswith(".so"):
+            raise TestVMError(
+                f"{info.name} is compiled for Python {here}, the passthrough guest runs Python {guest_python}: "
+                f"run the tests with Python {guest_python}, or pass python_packages without it"
+            )
+        info.uid = info.gid = 0
+        info.uname = info.gname = "root"
+        return info
+
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for name in packages:
+            spec = importlib.util.find_spec(name)
+            if spec is None or not spec.submodule_search_locations:
+                raise TestVMError(f"cannot hand {name!r} to the passthrough guest: no such package here")
+            source = Path(next(iter(spec.submodule_search_locations)))
+            tar.add(source, arcname=name.replace(".", "/"), filter=skip)
+            names.append(name)
+    return names
 
 
 def _chardev_path(path: Path) -> str:
@@ -230,12 +415,15 @@ class TestVM:
         workdir: str | os.PathLike[str] | None = None,
         *,
         mode: str = "guest",
-        machine: str = "pc",
+        machine: str | None = None,
         accel: str | None = None,
-        memory_mb: int = 256,
+        memory_mb: int | None = None,
         extra_args: Sequence[str] = (),
         guest_dir: str | os.PathLike[str] | None = None,
-        boot_timeout: float = 60.0,
+        boot_timeout: float | None = None,
+        cpus: int = 1,
+        sriov_max_vfs: int | None = 4,
+        python_packages: Sequence[str] = GUEST_PYTHON_PACKAGES,
     ) -> None:
         """Prepare (but do not start) a VM.
 
@@ -244,21 +432,41 @@ class TestVM:
         removed on :meth:`stop`. Sockets always live in a private 0700
         directory under the system temp dir, because unix socket paths are
         limited to 107 bytes and a caller's workdir may be deeper than that.
+
+        ``machine`` defaults to ``pc``, in passthrough mode to
+        ``q35,kernel-irqchip=split`` (what interrupt remapping needs under
+        KVM); ``memory_mb`` to 256 (passthrough: 1024, for the QEMU it runs);
+        ``boot_timeout`` to 60 s (passthrough: 180 s). Passthrough mode only:
+        ``sriov_max_vfs`` sizes the SR-IOV NVMe controller of
+        :func:`sriov_nvme_args` at slot 2 (None: no such controller, bring
+        devices in ``extra_args``), and ``python_packages`` are the host's
+        packages handed to the guest (:func:`write_python_tar`).
         """
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, not {mode!r}")
+        memory_mb = _DEFAULT_MEMORY_MB[mode] if memory_mb is None else memory_mb
         if memory_mb < 16:
             raise ValueError(f"memory_mb too small: {memory_mb}")
+        if isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1:
+            raise ValueError(f"cpus must be a positive integer, not {cpus!r}")
         self.mode = mode
-        self.machine = machine
+        self.machine = machine or _DEFAULT_MACHINE[mode]
         self.accel = accel or os.environ.get("KVMSLOTS_ACCEL") or "tcg"
         self.memory_mb = memory_mb
+        self.cpus = cpus
         self.extra_args = tuple(str(arg) for arg in extra_args)
-        self.boot_timeout = boot_timeout
+        self.boot_timeout = _DEFAULT_BOOT_TIMEOUT[mode] if boot_timeout is None else boot_timeout
         self.kernel: Path | None = None
         self.initramfs: Path | None = None
+        self.rootfs: Path | None = None
+        self.sriov_args = sriov_nvme_args(sriov_max_vfs) if mode == "passthrough" and sriov_max_vfs else []
+        self.python_packages = tuple(python_packages)
+        self.guest_python: str | None = None
         if mode == "guest":  # fail before creating anything
             self.kernel, self.initramfs = find_guest_files(guest_dir)
+        elif mode == "passthrough":
+            self.kernel, self.initramfs, self.rootfs = find_passthrough_files(guest_dir)
+            self.guest_python = _guest_python(self.rootfs.parent / PACKAGES_NAME)
 
         self._res = _Resources()
         self._finalizer = weakref.finalize(self, _release, self._res)
@@ -272,6 +480,7 @@ class TestVM:
         self.qmp_path = private / "qmp.sock"
         self.console_path = private / "console.sock"
         self.qtest_path = private / "qtest.sock"
+        self.python_tar_path = private / "python.tar"
         self._res.socket_files += [self.qmp_path, self.console_path, self.qtest_path]
         if len(os.fsencode(self.console_path)) > _SUN_PATH_MAX:
             self._finalizer()
@@ -303,6 +512,7 @@ class TestVM:
             "-machine", self.machine,
             "-accel", self.accel,
             "-m", str(self.memory_mb),
+            *(["-smp", str(self.cpus)] if self.cpus != 1 else []),
             "-no-user-config",
             "-no-reboot",
             "-display", "none",
@@ -318,6 +528,28 @@ class TestVM:
                 "-kernel", str(self.kernel),
                 "-initrd", str(self.initramfs),
                 "-append", "console=ttyS0 panic=-1 quiet",
+                "-chardev", f"socket,id=ser,path={_chardev_path(self.console_path)},server=on,wait=off",
+                "-serial", "chardev:ser",
+            ]  # fmt: skip
+        elif self.mode == "passthrough":
+            assert self.kernel is not None and self.initramfs is not None and self.rootfs is not None
+            # No default NIC or VGA: every PCI function there is one the test placed. The IOMMU
+            # comes first (QEMU wants it before the devices behind it); iommu=pt gives the
+            # guest's own drivers identity-mapped DMA (cheap under TCG), while a function bound
+            # to vfio-pci still gets a translated domain of its own, as on a production host.
+            # The disks are virtio-blk, whose DMA bypasses the IOMMU (no iommu_platform).
+            cmd += [
+                "-nodefaults",
+                "-device", "intel-iommu,intremap=on",
+                *self.sriov_args,
+                "-drive", f"file={_chardev_path(self.rootfs)},if=none,id={_ROOT_SERIAL},format=raw,readonly=on",
+                "-device", f"virtio-blk-pci,drive={_ROOT_SERIAL},serial={_ROOT_SERIAL},addr=0x3",
+                "-drive", f"file={_chardev_path(self.python_tar_path)},if=none,id={_PYTHON_SERIAL},"
+                          "format=raw,readonly=on",
+                "-device", f"virtio-blk-pci,drive={_PYTHON_SERIAL},serial={_PYTHON_SERIAL},addr=0x4",
+                "-kernel", str(self.kernel),
+                "-initrd", str(self.initramfs),
+                "-append", f"console=ttyS0 panic=-1 quiet intel_iommu=on iommu=pt kvmslots.root={_ROOT_SERIAL}",
                 "-chardev", f"socket,id=ser,path={_chardev_path(self.console_path)},server=on,wait=off",
                 "-serial", "chardev:ser",
             ]  # fmt: skip
@@ -342,9 +574,11 @@ class TestVM:
         if self._res.proc is not None:
             raise TestVMError("this TestVM is already started")
         try:
+            if self.mode == "passthrough":
+                write_python_tar(self.python_tar_path, self.python_packages, guest_python=self.guest_python)
             self._launch()
             deadline = time.monotonic() + self.boot_timeout
-            if self.mode == "guest":
+            if self.mode in _CONSOLE_MODES:
                 self._console = self._connect(self.console_path, deadline)
                 self._wait_for_shell(deadline)
             else:
@@ -428,9 +662,9 @@ class TestVM:
 
     # --- guest mode: the serial console ---------------------------------------------------
 
-    def _require(self, mode: str) -> None:
-        if self.mode != mode:
-            raise TestVMError(f"only available in {mode} mode (this VM is in {self.mode} mode)")
+    def _require(self, *modes: str) -> None:
+        if self.mode not in modes:
+            raise TestVMError(f"only available in {' mode or '.join(modes)} mode (this VM is in {self.mode} mode)")
         if not self.is_running():
             raise TestVMError("the VM is not running")
 
@@ -500,12 +734,26 @@ class TestVM:
         @@$((N+0))E$?``: the terminal echoes the line back, but only the
         shell's expansion prints ``@@NB``/``@@NE``, so the output between them
         is the command's and nothing else. With ``check=True`` a non-zero
-        exit status raises :class:`TestVMError`.
+        exit status raises :class:`TestVMError`. The command runs in the
+        console's shell itself (``cd`` and variables stay); :meth:`run_script`
+        runs one in a shell of its own.
         """
-        self._require("guest")
+        output, status = self.run_status(command, timeout)
+        if check and status != 0:
+            raise TestVMError(f"guest command {command!r} exited {status}: {output.strip()}")
+        return output
+
+    def run_status(self, command: str, timeout: float = 10.0) -> tuple[str, int]:
+        """:meth:`run`, returning ``(output, exit status)``."""
+        self._require(*_CONSOLE_MODES)
         assert self._console is not None
         token = next(self._tokens)
         line = f"echo @@$(({token}+0))B; eval {shlex.quote(command)}; echo @@$(({token}+0))E$?\n"
+        if len(line.encode()) > _CONSOLE_LINE_MAX:
+            raise TestVMError(
+                f"guest command of {len(command.encode())} bytes is too long for the guest console's line "
+                f"editor (busybox ash, 1024 bytes a line); send it with run_script"
+            )
         self._console.sendall(line.encode())
         pattern = re.compile(rb"@@%dB\r?\n(.*?)@@%dE(\d+)\r?\n" % (token, token), re.DOTALL)
         match = self._read_console(pattern, time.monotonic() + timeout)
@@ -514,11 +762,52 @@ class TestVM:
                 f"guest command {command!r} did not finish within {timeout:g}s; console so far:\n"
                 + self._console_buf.decode(errors="replace")[-2000:]
             )
-        output = match[1].decode(errors="replace").replace("\r\n", "\n")
-        status = int(match[2])
+        return match[1].decode(errors="replace").replace("\r\n", "\n"), int(match[2])
+
+    def run_script(
+        self, text: str, timeout: float = 60.0, *, interpreter: str = "sh", check: bool = False
+    ) -> tuple[str, int]:
+        """Run ``text`` as a script in the guest; return ``(output, exit status)``.
+
+        The script is copied into the guest (base64, in short console lines, so
+        any byte and any length survive the terminal) and run by
+        ``interpreter`` (``"sh"``, ``"python3"``, ...) in a process of its own
+        with stdin from ``/dev/null``: ``exit 3`` (or ``sys.exit(3)``) ends the
+        script only, and the status is the script's own. Output is stdout and
+        stderr as they interleave on the console. ``check=True`` raises
+        :class:`TestVMError` on a non-zero status. Processes the script leaves
+        in the background keep writing to the same console.
+        """
+        self._require(*_CONSOLE_MODES)
+        token = next(self._tokens)
+        path = f"{_SCRIPT_DIR}/{token}"
+        encoded = base64.b64encode(text.encode()).decode()
+        self.run(f"mkdir -p {_SCRIPT_DIR} && : >{path}.b64", check=True)
+        for start in range(0, len(encoded), _SCRIPT_CHUNK):
+            self.run(f"echo {encoded[start:start + _SCRIPT_CHUNK]} >>{path}.b64", check=True)
+        self.run(f"base64 -d {path}.b64 >{path} && rm {path}.b64", check=True)
+        command = f"{interpreter} {path} </dev/null"
+        output, status = self.run_status(command, timeout)
         if check and status != 0:
-            raise TestVMError(f"guest command {command!r} exited {status}: {output.strip()}")
-        return output
+            raise TestVMError(f"guest script ({interpreter}) exited {status}: {output.strip()[-2000:]}")
+        return output, status
+
+    def enable_nvme_vfs(self, count: int, *, serial: str = "kvmslots-sriov", timeout: float = 60.0) -> list[str]:
+        """Enable ``count`` VFs of the SR-IOV NVMe controller (:func:`sriov_nvme_args`); return their addresses.
+
+        Passthrough mode. The VFs come up online, bound to the guest's
+        ``nvme`` driver, each in an IOMMU group of its own. VFs enabled
+        before are disabled first (the kernel changes ``sriov_numvfs`` only
+        from 0); ``count=0`` just disables them.
+        """
+        self._require("passthrough")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"count must be a non-negative integer, not {count!r}")
+        script = f"set -- {count} {shlex.quote(serial)}\n" + _ENABLE_NVME_VFS
+        output, status = self.run_script(script, timeout)
+        if status != 0:
+            raise TestVMError(f"enabling {count} NVMe VFs failed (exit status {status}): {output.strip()}")
+        return [line.split()[1] for line in output.splitlines() if line.startswith("VF ")]
 
     def guest_pci_devices(self) -> set[str]:
         """PCI functions the guest kernel knows, e.g. ``{"0000:00:05.0", ...}``."""

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Build the test guest for this checkout: runtime/out/{vmlinuz,initramfs.cpio.gz}.
+# Build the test guest for this checkout: runtime/out/{vmlinuz,initramfs.cpio.gz}
+# (with --passthrough the passthrough guest: runtime/out/passthrough/).
 #
 # The recipe itself ships in the package (kvmslots/guest/build-guest.sh and
 # kvmslots/guest/init; an installed kvmslots runs it as `kvmslots guest build`).
@@ -7,7 +8,7 @@
 # $KVMSLOTS_GUEST_DIR, else runtime/out, and downloaded packages are cached in
 # runtime/work/debs.
 #
-# Usage: runtime/build-guest.sh [--force] [OUTPUT_DIR]   (--help: the recipe's own help)
+# Usage: runtime/build-guest.sh [--force] [--passthrough] [OUTPUT_DIR]   (--help: the recipe's own help)
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
