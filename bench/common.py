@@ -52,3 +52,37 @@ def emit(name: str, samples: list[float], baseline: list[float] | float | None, 
 
 def note(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
+
+
+class SQLiteCommitFloor:
+    """A bare ``BEGIN IMMEDIATE; INSERT; COMMIT`` on a SQLite file set up as kvmslots' store sets its own
+    (WAL, ``synchronous=NORMAL``, one connection kept open as the store keeps its own): what one
+    committed write costs at least on this machine, now.  :meth:`sample` times *rounds* of them."""
+
+    def __init__(self, path: Any) -> None:
+        import sqlite3
+
+        self._conn = sqlite3.connect(path, isolation_level=None)
+        self._conn.execute("PRAGMA journal_mode = WAL")
+        self._conn.execute("PRAGMA synchronous = NORMAL")
+        self._conn.execute("CREATE TABLE IF NOT EXISTS floor (k INTEGER PRIMARY KEY, v TEXT NOT NULL)")
+
+    def _one(self) -> None:
+        self._conn.execute("BEGIN IMMEDIATE")
+        self._conn.execute("INSERT INTO floor (v) VALUES (?)", ("x",))
+        self._conn.execute("COMMIT")
+
+    def sample(self, rounds: int) -> list[float]:
+        return [timed(self._one) for _ in range(rounds)]
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def sqlite_commit_floor(path: Any, rounds: int) -> list[float]:
+    """*rounds* bare commits on a new connection to *path* (see :class:`SQLiteCommitFloor`)."""
+    floor = SQLiteCommitFloor(path)
+    try:
+        return floor.sample(rounds)
+    finally:
+        floor.close()

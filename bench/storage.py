@@ -754,8 +754,8 @@ def _before_after(tmp: Path, processes: int = 2, blocks: int = 24, hot_adds: int
                         for side in sides:
                             wall[side][op] += got[side]["wall"][op]
                             cpu[side][op] += got[side]["cpu"][op]
-                        new, old = (statistics.median(got[side]["wall"][op]) for side in ("new", "old"))
-                        pairs[op].append(new / old)
+                        new_wall, old_wall = (statistics.median(got[side]["wall"][op]) for side in ("new", "old"))
+                        pairs[op].append(new_wall / old_wall)
             finally:
                 for worker in workers.values():
                     worker.close()

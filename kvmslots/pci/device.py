@@ -54,6 +54,7 @@ class PciStatus(str, enum.Enum):
 #: States in which a device belongs to an instance.
 ASSIGNED = frozenset({PciStatus.CLAIMED, PciStatus.ALLOCATED})
 _PARENT_OK = frozenset({PciStatus.AVAILABLE, PciStatus.UNCLAIMABLE, PciStatus.UNAVAILABLE})
+_ALLOCATABLE = frozenset({PciStatus.AVAILABLE, PciStatus.CLAIMED})
 #: States a VF may wrongly be left in under an available PF (Nova bug 1969496): tolerated on a PF claim.
 _HELD_BY_PARENT = frozenset({PciStatus.UNCLAIMABLE, PciStatus.UNAVAILABLE})
 _WIDE_DOMAIN_RE = re.compile(r"\s*([0-9a-fA-F]{5,16}):[0-9a-fA-F]{1,2}:[0-9a-fA-F]{1,2}\.[0-7]\s*")
@@ -138,7 +139,8 @@ class PciDevice:
     # -- transitions ----------------------------------------------------------
     def claim(self, instance_uuid: str, request_id: str | None = None) -> list[PciDevice]:
         """available -> claimed; a PF makes its VFs unclaimable, a VF its PF. Returns changed devices."""
-        self._require({PciStatus.AVAILABLE}, "claim")
+        if self.status is not PciStatus.AVAILABLE:  # (checked inline first: claims are a hot path)
+            self._require({PciStatus.AVAILABLE}, "claim")
         changed: list[PciDevice] = []
         if self.dev_type == DEV_TYPE_PF:
             busy = [vf for vf in self.children if not vf.is_available]
@@ -154,7 +156,8 @@ class PciDevice:
                 )
             changed += _set_status(self.children, PciStatus.UNCLAIMABLE)
         elif self.dev_type == DEV_TYPE_VF and self.parent is not None:
-            self.parent._require(_PARENT_OK, f"claim its VF {self.address}")
+            if self.parent.status not in _PARENT_OK:
+                self.parent._require(_PARENT_OK, f"claim its VF {self.address}")
             if self.parent.is_available:
                 changed += _set_status([self.parent], PciStatus.UNCLAIMABLE)
         self.status, self.instance_uuid, self.request_id = PciStatus.CLAIMED, instance_uuid, request_id
@@ -162,7 +165,8 @@ class PciDevice:
 
     def allocate(self, instance_uuid: str, request_id: str | None = None) -> list[PciDevice]:
         """available, or claimed by the same instance -> allocated; PF/VF relatives -> unavailable."""
-        self._require({PciStatus.AVAILABLE, PciStatus.CLAIMED}, "allocate")
+        if self.status not in _ALLOCATABLE:
+            self._require(_ALLOCATABLE, "allocate")
         if self.status is PciStatus.CLAIMED and self.instance_uuid != instance_uuid:
             raise PciDeviceInvalidOwner(
                 f"Device {self.address} is claimed by {self.instance_uuid}, not {instance_uuid}"
@@ -174,8 +178,10 @@ class PciDevice:
                 raise PciDeviceInvalidStatus(f"Cannot allocate PF {self.address}: its VFs {busy} are in use")
             changed += _set_status(self.children, PciStatus.UNAVAILABLE)
         elif self.dev_type == DEV_TYPE_VF and self.parent is not None:
-            self.parent._require(_PARENT_OK, f"allocate its VF {self.address}")
-            changed += _set_status([self.parent], PciStatus.UNAVAILABLE)
+            if self.parent.status not in _PARENT_OK:
+                self.parent._require(_PARENT_OK, f"allocate its VF {self.address}")
+            if self.parent.status is not PciStatus.UNAVAILABLE:
+                changed += _set_status([self.parent], PciStatus.UNAVAILABLE)
         if self.status is PciStatus.AVAILABLE:
             self.request_id = request_id
         self.status, self.instance_uuid = PciStatus.ALLOCATED, instance_uuid
@@ -183,7 +189,8 @@ class PciDevice:
 
     def free(self, instance_uuid: str | None = None) -> list[PciDevice]:
         """claimed/allocated -> available; a PF frees its VFs, a VF its PF once no sibling is in use."""
-        self._require(ASSIGNED, "free")
+        if self.status not in ASSIGNED:
+            self._require(ASSIGNED, "free")
         if instance_uuid is not None and self.instance_uuid != instance_uuid:
             raise PciDeviceInvalidOwner(f"Device {self.address} belongs to {self.instance_uuid}, not {instance_uuid}")
         changed: list[PciDevice] = []
@@ -193,9 +200,9 @@ class PciDevice:
                 PciStatus.AVAILABLE,
             )
         elif self.dev_type == DEV_TYPE_VF and self.parent is not None:
-            siblings_free = all(vf.is_available for vf in self.parent.children if vf is not self)
-            if siblings_free and self.parent.status in (PciStatus.UNCLAIMABLE, PciStatus.UNAVAILABLE):
-                changed += _set_status([self.parent], PciStatus.AVAILABLE)
+            parent = self.parent
+            if parent.status in _HELD_BY_PARENT and _siblings_free(self, parent.children):
+                changed += _set_status([parent], PciStatus.AVAILABLE)
         self.status, self.instance_uuid, self.request_id = PciStatus.AVAILABLE, None, None
         return changed + [self]
 
@@ -212,6 +219,15 @@ class PciDevice:
             raise PciDeviceInvalidStatus(
                 f"Cannot {action}: device {self.address} is {self.status.value} (needs {wanted})"
             )
+
+
+def _siblings_free(device: PciDevice, children: list[PciDevice], available: PciStatus = PciStatus.AVAILABLE) -> bool:
+    """Is every device of *children* but *device* available?  (A PF may have hundreds of VFs, and
+    every free of one of them asks: the loop stops at the first busy one, and compares identities.)"""
+    for child in children:
+        if child.status is not available and child is not device:
+            return False
+    return True
 
 
 def _set_status(devices: Iterable[PciDevice], status: PciStatus) -> list[PciDevice]:

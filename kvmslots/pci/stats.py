@@ -17,6 +17,7 @@ claims what was picked.
 
 from __future__ import annotations
 
+from bisect import bisect_left, insort
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -53,6 +54,30 @@ class Pool:
     #: Free devices known only by number (a cluster view), by their full tag sets.
     counted: list[tuple[dict[str, str], int]] = field(default_factory=list, repr=False)
     _described: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
+    #: The addresses of ``devices`` in order, kept sorted as devices come and go (made on first use).
+    _sorted: list[str] | None = field(default=None, init=False, repr=False, compare=False)
+    #: Where the pool sorts among the host's pools (set by :class:`PciDeviceStats`).
+    _rank: tuple[Any, ...] = field(default=(), init=False, repr=False, compare=False)
+
+    def addresses(self) -> list[str]:
+        """The free devices' addresses in order (the order a claim picks them in)."""
+        if self._sorted is None or len(self._sorted) != len(self.devices):
+            self._sorted = sorted(self.devices)
+        return self._sorted
+
+    def _put(self, device: PciDevice) -> None:
+        if device.address not in self.devices and self._sorted is not None:
+            insort(self._sorted, device.address)
+        self.devices[device.address] = device
+
+    def _take(self, address: str) -> None:
+        del self.devices[address]
+        if self._sorted is not None:
+            index = bisect_left(self._sorted, address)
+            if index < len(self._sorted) and self._sorted[index] == address:
+                del self._sorted[index]
+            else:
+                self._sorted = None
 
     @property
     def count(self) -> int:
@@ -101,12 +126,23 @@ class PciDeviceStats:
         self._pools: dict[PoolKey, Pool] = {}
         self._where: dict[str, PoolKey] = {}
         self._by_ids: dict[tuple[str, str], set[PoolKey]] = {}  # (vendor, product) -> pool keys
-        self._order: list[PoolKey] | None = None  # sorted pool keys, rebuilt when pools come or go
+        # Pools in order: every key (made on first use), and by (vendor, product) the pools of those
+        # ids (made when first asked for); kept in order as pools come and go (a pool goes when its
+        # last free device is claimed, and comes back when one is freed).
+        self._order: list[PoolKey] | None = None
+        self._ordered: dict[tuple[str, str], list[Pool]] = {}
 
     # -- membership -------------------------------------------------------------
     def _key(self, device: PciDevice) -> PoolKey:
+        dev_type = device.dev_type
+        if not device.tags:  # the common case, kept cheap: every status change re-keys its device
+            return (
+                device.vendor_id, device.product_id, device.numa_node, dev_type,
+                device.parent_addr if dev_type == DEV_TYPE_VF else None,
+                () if dev_type == DEV_TYPE_PCI else _NOT_REMOTE_MANAGED,
+            )
         return self._key_of(
-            device.vendor_id, device.product_id, device.numa_node, device.dev_type, device.parent_addr, device.tags
+            device.vendor_id, device.product_id, device.numa_node, dev_type, device.parent_addr, device.tags
         )
 
     def _key_of(
@@ -133,19 +169,49 @@ class PciDeviceStats:
             vendor, product, numa, dev_type, parent, tags = key
             remote = _truthy(dict(tags).get(REMOTE_MANAGED))
             pool = Pool(vendor, product, numa, dev_type, parent, dict(tags), remote_managed=remote)
+            pool._rank = _sortable(key)
             self._pools[key] = pool
             self._by_ids.setdefault((vendor, product), set()).add(key)
-            self._order = None
+            if self._order is not None:
+                insort(self._order, key, key=_sortable)
+            ordered = self._ordered.get((vendor, product))
+            if ordered is not None:
+                insort(ordered, pool, key=_pool_order)
         return pool
+
+    def _unorder(self, key: PoolKey, pool: Pool) -> None:
+        """A pool went: out of the orders (found by bisection: keys are unique)."""
+        if self._order is not None:
+            index = bisect_left(self._order, _sortable(key), key=_sortable)
+            if index < len(self._order) and self._order[index] == key:
+                del self._order[index]
+            else:  # cannot happen; rebuilt when next asked for
+                self._order = None
+        ordered = self._ordered.get(key[:2])
+        if ordered is not None:
+            index = bisect_left(ordered, pool._rank, key=_pool_order)
+            if index < len(ordered) and ordered[index] is pool:
+                del ordered[index]
+            else:
+                del self._ordered[key[:2]]
 
     def update(self, devices: Iterable[PciDevice]) -> None:
         """Put each device where its status says: in its pool when available, else nowhere."""
+        where, pools = self._where, self._pools
         for device in devices:
-            self._discard(device.address)
+            address = device.address
+            old = where.get(address)
             if device.status is PciStatus.AVAILABLE:
                 key = self._key(device)
-                self._pool(key).devices[device.address] = device
-                self._where[device.address] = key
+                if old == key:  # already there (the same device or its new object)
+                    pools[key].devices[address] = device
+                    continue
+                if old is not None:
+                    self._discard(address)
+                (pools.get(key) or self._pool(key))._put(device)
+                where[address] = key
+            elif old is not None:
+                self._discard(address)
 
     def add_counted(
         self, vendor: str, product: str, numa: int | None, dev_type: str, parent_addr: str | None,
@@ -165,17 +231,18 @@ class PciDeviceStats:
         key = self._where.pop(address, None)
         if key is not None:
             pool = self._pools[key]
-            del pool.devices[address]
+            pool._take(address)
             if not pool.devices:
                 del self._pools[key]
                 self._by_ids[key[:2]].discard(key)
-                self._order = None
+                self._unorder(key, pool)
 
     def clear(self) -> None:
         self._pools.clear()
         self._where.clear()
         self._by_ids.clear()
         self._order = None
+        self._ordered.clear()
 
     # -- views ----------------------------------------------------------------
     @property
@@ -252,7 +319,7 @@ class PciDeviceStats:
         for request in requests:
             picked: list[PciDevice] = []
             for pool, residual in self._candidates(request, numa_cells):
-                for address in sorted(pool.devices):  # address order: a reopened tracker picks the same
+                for address in pool.addresses():  # address order: a reopened tracker picks the same
                     device = pool.devices[address]
                     if len(picked) == request.count:
                         break
@@ -333,6 +400,14 @@ class PciDeviceStats:
         ids = exact_ids(alternatives)
         if ids is None:
             return self.pools
+        if len(ids) == 1:  # the usual alias: one product, its pools in order (kept until pools change)
+            (pair,) = ids
+            found = self._ordered.get(pair)
+            if found is None:
+                found = self._ordered[pair] = sorted(
+                    (self._pools[key] for key in self._by_ids.get(pair, ())), key=_pool_order
+                )
+            return found
         keys: set[PoolKey] = set()
         for pair in ids:
             keys |= self._by_ids.get(pair, set())
@@ -379,7 +454,8 @@ def _pool_serves(alternative: Mapping[str, str], pool: Pool, grouping: frozenset
         return False
     for key, wanted in alternative.items():
         if key in _DEVICE_KEYS:
-            if not values_match(getattr(pool, key), wanted):
+            have = getattr(pool, key)
+            if have != wanted and not values_match(have, wanted):
                 return False
         elif key == REMOTE_MANAGED:
             if _bool_word(pool.tags.get(key)) != _bool_word(wanted):
@@ -414,6 +490,10 @@ def _relatives(device: PciDevice) -> list[str]:
     if device.dev_type == DEV_TYPE_VF and device.parent is not None:
         return [device.parent.address]
     return []
+
+
+def _pool_order(pool: Pool) -> tuple[Any, ...]:
+    return pool._rank
 
 
 def _sortable(key: PoolKey) -> tuple[Any, ...]:

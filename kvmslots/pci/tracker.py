@@ -10,22 +10,34 @@ transaction rolls back and the in-memory view is reloaded from the database,
 so memory and disk never disagree.  ``save()`` remains, as a no-op, for
 callers written against Nova.
 
-Several processes may share one database: each operation first locks its
-host's row, compares the host's generation counter and reloads when another
-process changed the devices.  Many hosts may share one database too: each
-tracker's rows carry its ``node_id``, and it reads, locks and writes only
-those, so hosts never wait for each other.
+Several processes may share one database: every change bumps the host's
+generation counter, and an operation acts only on the generation it loaded.
+A sync locks the host's row first and reloads if the generation moved; a
+claim, an allocation or a free works on what is loaded and writes the new
+generation over the old one first thing, so that if another process got in
+between it writes nothing, reloads and does the work again (see
+``_mutate``).  Many hosts may share one database too: each tracker's rows
+carry its ``node_id``, and it reads, locks and writes only those, so hosts
+never wait for each other.
 
 Indexes by address and by PF keep every step linear or better (a sync of
-4096 VFs touches each device once; Nova searches a list per device).
+4096 VFs touches each device once; Nova searches a list per device).  A sync
+looks at each record once: a record seen before is recognised by its exact
+contents (a dictionary lookup, no validation), and only the devices whose
+record changed are compared, written and relinked; a sync of the very same
+JSON text as the last one does not even parse it.  Nothing is read from the
+store until the first operation needs it, so opening a tracker costs nothing
+however many devices the host has.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import operator
 import re
 import time
+from bisect import insort
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
@@ -42,29 +54,32 @@ __all__ = ["PciDevTracker", "SyncReport", "instance_uuid_of"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_CLAIMED = frozenset({PciStatus.CLAIMED})
+_ALLOCATED = frozenset({PciStatus.ALLOCATED})
 
 _OWNER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
 def instance_uuid_of(instance: str | Mapping[str, Any]) -> str:
     """An instance is given as its id or as a mapping with ``uuid`` (Nova's instance dict)."""
-    value = instance.get("uuid") if isinstance(instance, Mapping) else instance
+    value = instance if type(instance) is str else instance.get("uuid") if isinstance(instance, Mapping) else instance
     if not isinstance(value, str) or not _OWNER_RE.fullmatch(value):
         raise InvalidPciRequest(f"Instance must be an id or a mapping with a 'uuid', got {instance!r}")
     return value
 
 
-@dataclass(frozen=True)
 class _Parsed:
-    """One validated hypervisor record: its values, its device_spec tags (None: not tracked)."""
+    """One validated hypervisor record: its values, its device_spec tags (None: not tracked), and
+    their fingerprint.  Never changed once made, and compared by identity: the parse cache hands
+    out one object per distinct record, so "the same object" means "the same record"."""
 
-    address: str
-    values: dict[str, Any]
-    tags: dict[str, str] | None
+    __slots__ = ("address", "values", "tags", "fingerprint")
 
-    @property
-    def fingerprint(self) -> tuple[Any, ...]:
-        return _fingerprint_of(self.values, self.tags or {})
+    def __init__(self, address: str, values: dict[str, Any], tags: dict[str, str] | None) -> None:
+        self.address = address
+        self.values = values
+        self.tags = tags
+        self.fingerprint = _fingerprint_of(values, tags or {}) if values else ()
 
 
 def _fingerprint_of(values: Mapping[str, Any], tags: Mapping[str, str]) -> tuple[Any, ...]:
@@ -76,9 +91,18 @@ _CACHE_FIELDS = (*HYPERVISOR_FIELDS, "compute_node_id", "extra_info")
 _SKIPPED = _Parsed("", {}, None)
 
 
+# The key of a flat record (a dict without ``capabilities``), made inline in PciDevTracker._scan:
+#     (*record, *record.values(), type(record.get("numa_node")), type(record.get("iommu_group")))
+# its keys in order, then its values in the same order, then the types of the two numeric fields (so
+# that True or 1.0 never pass for a validated 1; every other field must be a string or null).  Two such
+# keys are equal only if their records have the same keys, in the same order, with equal values.  An
+# unhashable value (a nested extra_info) makes the lookup raise TypeError: then _cache_key is used.
+
+
 def _cache_key(raw: Any) -> tuple[Any, ...] | None:
-    """A key that identifies a record exactly: its keys, values, and the types of the numbers
-    (so that True or 1.0 never pass for a validated 1).  None: not cacheable."""
+    """A key that identifies any record exactly (nested ``capabilities`` as canonical JSON): its
+    keys, values, and the types of the numbers.  None: not cacheable.  Never equal to a flat
+    record's key (its first item is a frozenset, a flat key's a string)."""
     if not isinstance(raw, Mapping):
         return None
     try:
@@ -110,19 +134,45 @@ class SyncReport:
         return {"added": self.added, "updated": self.updated, "removed": self.removed, "kept": self.kept}
 
 
+class _Stale(Exception):
+    """Another process changed the host since this tracker loaded it: reload and try again."""
+
+
+class _Scan:
+    """A validated device list: the tracked records by address, and those that differ from what
+    the tracker has applied (as of ``epoch``: recomputed when the tracker's moved on)."""
+
+    __slots__ = ("reported", "changed", "epoch")
+
+    def __init__(self, reported: dict[str, _Parsed], changed: list[_Parsed], epoch: int) -> None:
+        self.reported = reported
+        self.changed = changed
+        self.epoch = epoch
+
+
 class _Change:
-    """Devices touched by one operation (written together at its end)."""
+    """Devices touched by one operation (written together at its end).
+
+    ``whole`` holds the addresses whose hypervisor values or tags changed too (or that are new):
+    their whole row is written; for the others only the state columns (status, owner, request,
+    parked values, vanished).
+    """
+
+    __slots__ = ("_on_touch", "touched", "whole", "deleted", "requests_put", "requests_deleted")
 
     def __init__(self, on_touch: Callable[[PciDevice], None]) -> None:
         self._on_touch = on_touch
         self.touched: dict[str, PciDevice] = {}
+        self.whole: set[str] = set()
         self.deleted: set[str] = set()
         self.requests_put: list[tuple[str, InstancePciRequest]] = []
         self.requests_deleted: set[tuple[str, str]] = set()
 
-    def touch(self, devices: Iterable[PciDevice]) -> None:
+    def touch(self, devices: Iterable[PciDevice], *, whole: bool = False) -> None:
         for device in devices:
             self.touched[device.address] = device
+            if whole:
+                self.whole.add(device.address)
             self._on_touch(device)
 
 
@@ -153,10 +203,19 @@ class PciDevTracker:
         self._owner_of: dict[str, str] = {}
         self._fingerprints: dict[str, tuple[Any, ...]] = {}  # address -> hypervisor values + tags
         self._parse_cache: dict[tuple[Any, ...], _Parsed] = {}
+        #: address -> the record last synced into that device (its values, or parked as stale): a
+        #: sync that reports the same record object again has nothing to do for it.
+        self._applied: dict[str, _Parsed] = {}
+        self._filter = self.dev_filter  # the device spec the parse cache was matched against
+        self._last_text: str | bytes | None = None  # the last JSON text synced, and its scan
+        self._last_scan: _Scan | None = None
         self._skip_warned: set[str] = set()  # addresses already warned about (32-bit domains)
-        self._generation = -1
-        with store.reading() as txn:  # looking registers nothing: a host's row comes with its first write
-            self._load(txn)
+        #: The host's generation as loaded; None: nothing loaded yet.  Nothing is read here: the
+        #: first operation loads (and looking registers nothing: a host's row comes with its first write).
+        self._generation: int | None = None
+        #: Counts changes of ``_applied`` (a load, a sync that changed it, a dropped device): a scan's
+        #: ``changed`` holds as of one of them.
+        self._epoch = 0
 
     # -- views ----------------------------------------------------------------
     @property
@@ -203,7 +262,9 @@ class PciDevTracker:
 
     def instance_requests(self, instance: str | Mapping[str, Any]) -> list[InstancePciRequest]:
         """The requests an instance's claims answer (kept so the flavor need not be read again)."""
-        return self._requests_of(instance_uuid_of(instance))
+        uuid = instance_uuid_of(instance)
+        self.refresh()
+        return self._requests_of(uuid)
 
     def save(self) -> None:
         """Kept for Nova compatibility: every change is already committed when its method returns."""
@@ -225,53 +286,97 @@ class PciDevTracker:
         (with a warning) and removed when freed.  Changed properties of an
         assigned device are parked and applied when it is freed.
         """
-        reported = self._parse_devices_json(devices_json)
-        return self._mutate(lambda change: self._sync(reported, change), synced=True)
+        scan = self._scan(devices_json)
+        return self._mutate(lambda change: self._sync(scan, change), synced=True)
 
-    def _parse_devices_json(self, devices_json: str | Sequence[Mapping[str, Any]]) -> dict[str, _Parsed]:
-        """Validate the list and match it against the device spec; only tracked devices are returned.
+    def _scan(self, devices_json: str | Sequence[Mapping[str, Any]]) -> _Scan:
+        """Validate the list and match it against the device spec; only tracked devices are kept.
 
         A record seen before (same keys, same values, same types) is not
         validated and matched again: a steady-state sync of thousands of
-        devices costs a dictionary lookup per device.
+        devices costs a dictionary lookup per device.  The very same JSON
+        text as the last sync's is not parsed again.
         """
+        if self.dev_filter is not self._filter:  # another device spec: what was matched is void
+            self._filter = self.dev_filter
+            self._parse_cache.clear()
+            self._last_text = self._last_scan = None
+        text = None
         if isinstance(devices_json, (str, bytes)):
+            if self._last_scan is not None and devices_json == self._last_text:
+                return self._last_scan  # the same text parses the same (changed: see _sync)
+            text = devices_json
             try:
                 devices_json = json.loads(devices_json)
             except (ValueError, RecursionError) as exc:
                 raise InvalidDevicesJson(f"Device list is not valid JSON: {exc}") from None
         if not isinstance(devices_json, list):
             raise InvalidDevicesJson("Device list must be a JSON list of device objects")
-        if len(self._parse_cache) > 4 * len(devices_json) + 1024:
-            self._parse_cache.clear()
+        cache = self._parse_cache
+        if len(cache) > 4 * len(devices_json) + 1024:
+            cache.clear()
+        cached = cache.get
+        applied = self._applied.get
         reported: dict[str, _Parsed] = {}
-        seen: set[str] = set()
-        for raw in devices_json:
-            key = _cache_key(raw)
-            parsed = self._parse_cache.get(key) if key is not None else None
-            if parsed is None:
+        changed: list[_Parsed] = []
+        untracked: list[str] = []
+        order: list[_Parsed] = []
+        tracked = 0
+        for raw in devices_json:  # the hot loop of every sync: kept flat
+            parsed = None
+            key = None
+            if type(raw) is dict and raw.get("capabilities") is None:
+                key = (*raw, *raw.values(), type(raw.get("numa_node")), type(raw.get("iommu_group")))
                 try:
-                    device = device_from_hypervisor(raw)
-                except InvalidDevicesJson as exc:
-                    if not self._skip_wide_domain(raw, exc):
-                        raise
-                    if key is not None:
-                        self._parse_cache[key] = _SKIPPED
-                    continue
-                # capabilities (VPD) only inform the match (remote_managed); they are not kept
-                tags = self.dev_filter.match({**device.hypervisor_values(), "capabilities": raw.get("capabilities")})
-                values = device.hypervisor_values()
-                parsed = _Parsed(device.address, values, None if tags is None else dict(tags))
-                if key is not None:
-                    self._parse_cache[key] = parsed
-            if parsed is _SKIPPED:
-                continue
-            if parsed.address in seen:
-                raise InvalidDevicesJson(f"Device {parsed.address} is listed twice")
-            seen.add(parsed.address)
-            if parsed.tags is not None:  # else: not in the device_spec, not ours to track
+                    parsed = cached(key)
+                except TypeError:  # an unhashable value (say a nested extra_info): the general key
+                    key = None
+            if parsed is None:
+                parsed = self._parse_record(raw, key if key is not None else _cache_key(raw))
+            order.append(parsed)
+            if parsed.tags is not None:
+                tracked += 1
                 reported[parsed.address] = parsed
-        return reported
+                if applied(parsed.address) is not parsed:
+                    changed.append(parsed)
+            elif parsed is not _SKIPPED:  # else: not in the device_spec, not ours to track
+                untracked.append(parsed.address)
+        if len(reported) != tracked or (untracked and (
+            len(set(untracked)) != len(untracked) or not reported.keys().isdisjoint(untracked)
+        )):
+            seen: set[str] = set()
+            for parsed in order:
+                if parsed is not _SKIPPED:
+                    if parsed.address in seen:
+                        raise InvalidDevicesJson(f"Device {parsed.address} is listed twice")
+                    seen.add(parsed.address)
+        scan = _Scan(reported, changed, self._epoch)
+        if text is not None:
+            self._last_text, self._last_scan = text, scan
+        return scan
+
+    def _parse_record(self, raw: Any, key: tuple[Any, ...] | None) -> _Parsed:
+        """One record not found under its fast key: found under *key*, or validated and matched
+        (and cached under *key*, unless None)."""
+        if key is not None:
+            parsed = self._parse_cache.get(key)
+            if parsed is not None:
+                return parsed
+        try:
+            device = device_from_hypervisor(raw)
+        except InvalidDevicesJson as exc:
+            if not self._skip_wide_domain(raw, exc):
+                raise
+            if key is not None:
+                self._parse_cache[key] = _SKIPPED
+            return _SKIPPED
+        # capabilities (VPD) only inform the match (remote_managed); they are not kept
+        values = device.hypervisor_values()
+        tags = self.dev_filter.match({**values, "capabilities": raw.get("capabilities")})
+        parsed = _Parsed(device.address, values, None if tags is None else dict(tags))
+        if key is not None:
+            self._parse_cache[key] = parsed
+        return parsed
 
     def _skip_wide_domain(self, raw: Any, exc: InvalidDevicesJson) -> bool:
         """A record refused because of a 32-bit PCI domain is skipped (warned once per address)."""
@@ -299,53 +404,98 @@ class PciDevTracker:
             fp = self._fingerprints[device.address] = _fingerprint_of(device.hypervisor_values(), device.tags)
         return fp
 
-    def _sync(self, reported: dict[str, _Parsed], change: _Change) -> SyncReport:
+    def _sync(self, scan: _Scan, change: _Change) -> SyncReport:
+        """Apply a scanned list: only the devices whose record changed, and those no longer reported."""
         report = SyncReport()
-        for address in [a for a in self._devs if a not in reported]:
-            existing = self._devs[address]
-            if existing.status in ASSIGNED:
-                report.kept.append(address)
-                if not existing.vanished:
-                    log.warning(
-                        "PCI device %s is %s by %s but no longer reported by the hypervisor (or no longer in "
-                        "device_spec); keeping it until it is freed",
-                        address, existing.status.value, existing.instance_uuid,
-                    )
-                    existing.vanished = True
-                    change.touch([existing])
-            else:
-                self._drop(existing, change)
-                report.removed.append(address)
-        for address, new in reported.items():
-            found = self._devs.get(address)
+        reported, devs, applied = scan.reported, self._devs, self._applied
+        if scan.epoch != self._epoch:  # loaded or synced since the scan: compare with what is applied now
+            scan.changed = [p for p in reported.values() if applied.get(p.address) is not p]
+        new_count = sum(1 for p in scan.changed if p.address not in devs)
+        unreported = len(devs) > len(reported) - new_count
+        if unreported:  # some tracked devices are no longer reported
+            for address in sorted(devs.keys() - reported.keys()):
+                existing = devs[address]
+                if existing.status in ASSIGNED:
+                    report.kept.append(address)
+                    if not existing.vanished:
+                        log.warning(
+                            "PCI device %s is %s by %s but no longer reported by the hypervisor (or no longer in "
+                            "device_spec); keeping it until it is freed",
+                            address, existing.status.value, existing.instance_uuid,
+                        )
+                        existing.vanished = True
+                        applied.pop(address, None)
+                        change.touch([existing])
+                else:
+                    self._drop(existing, change)
+                    report.removed.append(address)
+        added: list[PciDevice] = []
+        moved: list[tuple[PciDevice, tuple[str, str | None], int | None]] = []
+        for new in scan.changed:
+            address = new.address
+            found = devs.get(address)
+            tags = new.tags or {}
             if found is None:
-                device = PciDevice(**new.values, tags=dict(new.tags or {}))
-                self._devs[address] = device
-                change.touch([device])
+                device = PciDevice(**new.values, tags=dict(tags))
+                devs[address] = device
+                change.touch([device], whole=True)
                 report.added.append(address)
-                continue
-            existing = found
-            same = new.fingerprint == self._fingerprint(existing)
-            if existing.status in ASSIGNED:
-                stale = None if same else {**new.values, "tags": dict(new.tags or {})}
-                if stale != existing.stale or existing.vanished:
-                    existing.stale, existing.vanished = stale, False
-                    change.touch([existing])
-                    if stale is not None:
-                        report.updated.append(address)
-            elif not same:
-                _apply(existing, {**new.values, "tags": dict(new.tags or {})})
-                self._fingerprints[address] = new.fingerprint
-                change.touch([existing])
-                report.updated.append(address)
-        if change.touched or change.deleted:  # a steady sync changes nothing: no tree to rebuild
-            self._build_tree()
-            self._fit_new_relatives(change)
+                added.append(device)
+            else:
+                existing = found
+                same = new.fingerprint == self._fingerprint(existing)
+                if existing.status in ASSIGNED:
+                    stale = None if same else {**new.values, "tags": dict(tags)}
+                    if stale != existing.stale or existing.vanished:
+                        existing.stale, existing.vanished = stale, False
+                        change.touch([existing])
+                        if stale is not None:
+                            report.updated.append(address)
+                elif not same:
+                    moved.append((existing, (existing.dev_type, existing.parent_addr), existing.iommu_group))
+                    _apply(existing, {**new.values, "tags": dict(tags)})
+                    self._fingerprints[address] = new.fingerprint
+                    change.touch([existing], whole=True)
+                    report.updated.append(address)
+            applied[address] = new
+        if scan.changed or unreported:
+            self._epoch += 1  # other scans must compare again
+        scan.changed, scan.epoch = [], self._epoch  # all applied (a failed commit reloads: recomputed then)
+        if added or moved:
+            self._place(added, moved)
+            self._fit_new_relatives_of(list(change.touched.values()))
         report.added.sort()
         report.removed.sort()
         report.kept.sort()
         report.updated.sort()
         return report
+
+    def _place(
+        self, added: list[PciDevice], moved: list[tuple[PciDevice, tuple[str, str | None], int | None]]
+    ) -> None:
+        """Link new and changed devices into the PF/VF tree and the IOMMU groups: one by one when
+        few VFs or plain devices came or moved, else by rebuilding the whole tree once."""
+        if len(added) + len(moved) > len(self._devs) // 8 or any(
+            d.dev_type == DEV_TYPE_PF for d in added
+        ) or any(d.dev_type == DEV_TYPE_PF or place[0] == DEV_TYPE_PF for d, place, _ in moved):
+            self._build_tree()  # a PF comes or goes: its VFs may be anywhere in the list
+            return
+        for device in added:
+            if device.iommu_group is not None:
+                self._groups.setdefault(device.iommu_group, []).append(device)
+            self._link(device)
+        for device, old_place, old_group in moved:
+            self._moved(device, old_place, old_group)
+
+    def _moved(self, device: PciDevice, old_place: tuple[str, str | None], old_group: int | None) -> None:
+        """Re-index a device whose IOMMU group, type or PF changed."""
+        if device.iommu_group != old_group:
+            self._ungroup(device, old_group)
+            if device.iommu_group is not None:
+                self._groups.setdefault(device.iommu_group, []).append(device)
+        if (device.dev_type, device.parent_addr) != old_place:
+            self._unlink(device)  # it moved in the PF/VF tree: link it where it is now
+            self._link(device)
 
     def _drop(self, device: PciDevice, change: _Change) -> None:
         """Remove a free device the host no longer reports (removed -> deleted: its row goes)."""
@@ -354,13 +504,13 @@ class PciDevTracker:
         self._ungroup(device, device.iommu_group)
         self._index_owner(device)
         self._fingerprints.pop(device.address, None)
+        self._applied.pop(device.address, None)
+        self._epoch += 1
         del self._devs[device.address]
         change.touched.pop(device.address, None)
+        change.whole.discard(device.address)
         change.deleted.add(device.address)
         self.stats.forget([device.address])
-
-    def _fit_new_relatives(self, change: _Change) -> None:
-        self._fit_new_relatives_of(list(change.touched.values()))
 
     def _fit_new_relatives_of(self, devices: list[PciDevice]) -> None:
         """A device that (re)appears next to an assigned relative must not look free."""
@@ -380,11 +530,17 @@ class PciDevTracker:
 
     def _build_tree(self) -> None:
         """Link VFs to their PFs (VFs sorted after their PF by address); index IOMMU groups."""
-        self._groups = {}
+        groups: dict[int, list[PciDevice]] = {}
+        self._groups = groups
         for device in self._devs.values():
             if device.iommu_group is not None:
-                self._groups.setdefault(device.iommu_group, []).append(device)
-            device.children = []
+                members = groups.get(device.iommu_group)
+                if members is None:
+                    groups[device.iommu_group] = [device]
+                else:
+                    members.append(device)
+            if device.children:
+                device.children = []
             device.parent = None
         for address in sorted(self._devs):
             device = self._devs[address]
@@ -412,7 +568,9 @@ class PciDevTracker:
         uuid = instance_uuid_of(instance)
         if pci_requests is None:
             pci_requests = _requests_from_instance(instance)
-        if isinstance(pci_requests, (str, bytes, Mapping)) or not isinstance(pci_requests, Iterable):
+        if type(pci_requests) is not list and (
+            isinstance(pci_requests, (str, bytes, Mapping)) or not isinstance(pci_requests, Iterable)
+        ):
             raise InvalidPciRequest(
                 f"pci_requests must be a list of InstancePciRequest, got {type(pci_requests).__name__}"
             )
@@ -426,9 +584,9 @@ class PciDevTracker:
             raise InvalidPciRequest("Two PCI requests of one claim share a request_id")
 
         def claim(change: _Change) -> list[PciDevice]:
-            if _skip_if_claimed and self._owned_by(uuid, {PciStatus.CLAIMED}):
+            if _skip_if_claimed and self._owned_by(uuid, _CLAIMED):
                 return []  # already claimed on this host
-            taken = {r.request_id for r in self._requests_of(uuid)}
+            taken = self._requests.get(uuid, {})
             again = [rid for rid in ids if rid in taken]
             if again:
                 raise PciDeviceRequestFailed(f"Instance {uuid} already holds a claim for request(s) {again}")
@@ -452,7 +610,7 @@ class PciDevTracker:
         uuid = instance_uuid_of(instance)
 
         def allocate(change: _Change) -> list[PciDevice]:
-            devices = self._owned_by(uuid, {PciStatus.CLAIMED})
+            devices = self._owned_by(uuid, _CLAIMED)
             for device in devices:
                 change.touch(device.allocate(uuid))
             return devices
@@ -479,12 +637,12 @@ class PciDevTracker:
     def free_instance_claims(self, instance: str | Mapping[str, Any]) -> list[PciDevice]:
         """Free only what *instance* has claimed (not allocated)."""
         uuid = instance_uuid_of(instance)
-        return self._mutate(lambda change: self._free_owned(uuid, {PciStatus.CLAIMED}, change))
+        return self._mutate(lambda change: self._free_owned(uuid, _CLAIMED, change))
 
     def free_instance_allocations(self, instance: str | Mapping[str, Any]) -> list[PciDevice]:
         """Free only what *instance* has allocated (not claimed), as Nova's method of that name."""
         uuid = instance_uuid_of(instance)
-        return self._mutate(lambda change: self._free_owned(uuid, {PciStatus.ALLOCATED}, change))
+        return self._mutate(lambda change: self._free_owned(uuid, _ALLOCATED, change))
 
     def free_device(self, dev: PciDevice | str, instance: str | Mapping[str, Any]) -> list[PciDevice]:
         """Free one device of *instance* (a device object or its address)."""
@@ -546,12 +704,11 @@ class PciDevTracker:
         return self._mutate(clean)
 
     # -- internals --------------------------------------------------------------
-    def _free_owned(self, uuid: str, states: Iterable[PciStatus], change: _Change) -> list[PciDevice]:
-        states = frozenset(states)
+    def _free_owned(self, uuid: str, states: frozenset[PciStatus], change: _Change) -> list[PciDevice]:
         freed: list[PciDevice] = []
         for device in self._owned_by(uuid, states):
             freed += self._free_one(device, uuid, change)
-        self._forget_requests({uuid}, change)
+        self._forget_requests((uuid,), change)
         return freed
 
     def _free_one(self, device: PciDevice, uuid: str, change: _Change) -> list[PciDevice]:
@@ -561,20 +718,17 @@ class PciDevTracker:
             device.vanished = False
             device.stale = None
             self._drop(device, change)
+            return [d for d in changed if d is not device]  # gone (its relatives stay)
         elif device.stale is not None:
             old_place, old_group = (device.dev_type, device.parent_addr), device.iommu_group
-            _apply(device, device.stale)
+            _apply(device, device.stale)  # the values its last sync parked (self._applied still holds)
             device.stale = None
             self._fingerprints.pop(device.address, None)
-            if device.iommu_group != old_group:
-                self._ungroup(device, old_group)
-                if device.iommu_group is not None:
-                    self._groups.setdefault(device.iommu_group, []).append(device)
+            change.touch([device], whole=True)
+            self._moved(device, old_place, old_group)
             if (device.dev_type, device.parent_addr) != old_place:
-                self._unlink(device)  # it moved in the PF/VF tree: link it where it is now
-                self._link(device)
                 self._fit_new_relatives_of([device])
-        return [d for d in changed if d.address in self._devs]
+        return changed
 
     def _ungroup(self, device: PciDevice, group: int | None) -> None:
         members = self._groups.get(group) if group is not None else None
@@ -596,7 +750,7 @@ class PciDevTracker:
             parent = self._devs.get(device.parent_addr)
             if parent is not None and parent.dev_type == DEV_TYPE_PF:
                 device.parent = parent
-                parent.children = sorted([*parent.children, device], key=lambda d: d.address)
+                insort(parent.children, device, key=_address)
         elif device.dev_type == DEV_TYPE_PF:
             device.children = sorted(
                 (d for d in self._devs.values() if d.dev_type == DEV_TYPE_VF and d.parent_addr == device.address),
@@ -609,17 +763,22 @@ class PciDevTracker:
         """VFIO gives a whole IOMMU group to one VM: no other instance may hold a device of it."""
         if device.iommu_group is None:
             return True
+        members = self._groups.get(device.iommu_group, ())
+        if len(members) == 1 and members[0] is device:  # a group of its own (most VFs)
+            return True
         return all(
             m.instance_uuid in (None, uuid) or m.status not in ASSIGNED
             for m in self._groups.get(device.iommu_group, ())
             if m is not device
         )
 
-    def _owned_by(self, uuid: str, states: Iterable[PciStatus]) -> list[PciDevice]:
+    def _owned_by(self, uuid: str, states: frozenset[PciStatus]) -> list[PciDevice]:
         """The instance's devices in *states*, by address (from the owner index: no scan)."""
-        wanted = frozenset(states)
-        found = (self._devs[a] for a in sorted(self._owners.get(uuid, ())))
-        return [d for d in found if d.status in wanted]
+        owned = self._owners.get(uuid)
+        if not owned:
+            return []
+        devs = self._devs
+        return [d for d in map(devs.__getitem__, sorted(owned)) if d.status in states]
 
     def _index_owner(self, device: PciDevice) -> None:
         address, new = device.address, device.instance_uuid
@@ -638,54 +797,88 @@ class PciDevTracker:
     def _requests_of(self, uuid: str) -> list[InstancePciRequest]:
         return [self._requests[uuid][rid] for rid in sorted(self._requests.get(uuid, {}))]
 
-    def _forget_requests(self, uuids: set[str], change: _Change) -> None:
+    def _forget_requests(self, uuids: Iterable[str], change: _Change) -> None:
         """Drop each stored request of these instances that no device answers any more."""
-        uuids = {u for u in uuids if u in self._requests}
-        if not uuids:
-            return
-        held = {(u, self._devs[a].request_id) for u in uuids for a in self._owners.get(u, ())}
         for uuid in uuids:
-            for request_id in [r for r in self._requests[uuid] if (uuid, r) not in held]:
-                del self._requests[uuid][request_id]
+            stored = self._requests.get(uuid)
+            if not stored:
+                continue
+            answered = {self._devs[a].request_id for a in self._owners.get(uuid, ())}
+            for request_id in [r for r in stored if r not in answered]:
+                del stored[request_id]
                 change.requests_deleted.add((uuid, request_id))
-            if not self._requests[uuid]:
+            if not stored:
                 del self._requests[uuid]
 
-    def _mutate(self, work: Callable[[_Change], T], *, synced: bool = False) -> T:
+    def _mutate(self, work: Callable[[_Change], T], *, synced: bool = False, lock: bool = False) -> T:
         """Run *work* and persist what it changed in one transaction; on failure reload from the store.
 
-        The host's row is locked first (its generation read), so two processes
-        never change one host's devices at once; other hosts are not blocked.
+        A sync (or *lock*) locks the host's row first and reloads if its
+        generation moved.  A claim, an allocation or a free works on what is
+        loaded and checks the generation as it writes: the host's new
+        generation is written first, and only over the one the work started
+        from (SQLite's ``BEGIN IMMEDIATE`` has kept every other writer out
+        since; on PostgreSQL the row is locked from then on, before any device
+        row, as a sync takes them).  If another process changed the host in
+        between, nothing is written, the host is reloaded and the work is done
+        again with the row locked first.  An operation that changes nothing,
+        or refuses, compares the generation too.  Either way two processes
+        never change one host's devices at once, and other hosts are not
+        blocked.  A tracker's first operation loads the host in a read
+        transaction beforehand, so no writer waits for that load.
         """
+        if self._generation is None:
+            self._reload()
+        optimistic = not (synced or lock)
         try:
             with self.store.transaction() as txn:
-                if txn.lock_host(self.node_id, self.stats.numa_sockets) != self._generation:
+                if not optimistic and txn.lock_host(self.node_id, self.stats.numa_sockets) != self._generation:
                     self._load(txn)
+                expected = self._generation if optimistic else None
                 change = _Change(self._index_owner)
-                result = work(change)
-                self._flush(txn, change)
+                try:
+                    result = work(change)
+                except Exception:
+                    if expected is not None and txn.host_generation(self.node_id) != expected:
+                        raise _Stale from None  # refused from an old view: ask again
+                    raise
+                if not self._flush(txn, change, expected):
+                    raise _Stale
                 if synced:
                     txn.mark_synced(self.node_id, time.time())
+        except _Stale:  # rolled back: load again (memory may hold the work's changes), then lock the row first
+            self._generation = None
+            return self._mutate(work, synced=synced, lock=True)
         except BaseException:
             self._reload()
             raise
-        self.stats.update(change.touched.values())
+        if change.touched:
+            self.stats.update(change.touched.values())
         return result
 
-    def _flush(self, txn: HostDeviceTransaction, change: _Change) -> None:
-        changed = bool(change.touched or change.deleted or change.requests_put or change.requests_deleted)
-        if changed:
-            self._generation += 1  # lock_host read the current one: no other writer since
-        txn.write_host_changes(
+    def _flush(self, txn: HostDeviceTransaction, change: _Change, expected: int | None) -> bool:
+        """Write what *change* holds; False if the host's generation is no longer *expected* (then
+        nothing was written).  ``expected`` None: the row is locked and the generation current."""
+        touched, whole = change.touched, change.whole
+        if not (touched or change.deleted or change.requests_put or change.requests_deleted):
+            # nothing to write, and no new generation for other processes to reload for
+            return expected is None or txn.host_generation(self.node_id) == expected
+        assert self._generation is not None  # loaded
+        written = txn.write_host_changes(
             self.node_id,
             HostChanges(
-                put=list(change.touched.values()),
+                put=[d for a, d in touched.items() if a in whole] if whole else [],
+                states=[d for a, d in touched.items() if a not in whole] if whole else list(touched.values()),
                 deleted=change.deleted,
                 requests_put=change.requests_put,
                 requests_deleted=change.requests_deleted,
-                generation=self._generation if changed else None,
+                generation=self._generation + 1,
+                previous=expected,
             ),
         )
+        if written:
+            self._generation += 1
+        return written
 
     def _reload(self) -> None:
         with self.store.reading() as txn:
@@ -699,13 +892,19 @@ class PciDevTracker:
         self.stats.update(self._devs.values())
         self._owners, self._owner_of = {}, {}
         for device in self._devs.values():
-            self._index_owner(device)
+            if device.instance_uuid is not None:
+                self._index_owner(device)
         self._fingerprints = {}
+        self._applied = {}
+        self._epoch += 1
         self._requests = {}
         for uuid, request in requests:
             if request.request_id is not None:
                 self._requests.setdefault(uuid, {})[request.request_id] = request
         self._generation = txn.host_generation(self.node_id)
+
+
+_address = operator.attrgetter("address")
 
 
 def _apply(device: PciDevice, values: Mapping[str, Any]) -> None:

@@ -88,15 +88,23 @@ class SlotTransaction(Protocol):
 class HostChanges:
     """What one tracker operation changed on one host, written together.
 
-    ``generation`` is the host's new generation (None: nothing changed that
-    other processes must reload for).
+    ``put`` are devices written whole (new ones, or changed hypervisor
+    values or tags); ``states`` devices already stored whose state alone
+    changed (status, owner, request, parked values, vanished: a claim, an
+    allocation, a free).  ``generation`` is the host's new generation (None:
+    nothing changed that other processes must reload for).  ``previous``, when
+    given, is the generation the changes were made from: they are written
+    only if the host's generation is still that (the host's row was not
+    locked beforehand; see :meth:`HostDeviceTransaction.write_host_changes`).
     """
 
     put: list[PciDevice] = field(default_factory=list)
+    states: list[PciDevice] = field(default_factory=list)
     deleted: set[str] = field(default_factory=set)
     requests_put: list[tuple[str, InstancePciRequest]] = field(default_factory=list)
     requests_deleted: set[tuple[str, str]] = field(default_factory=set)
     generation: int | None = None
+    previous: int | None = None
 
 
 @dataclass(frozen=True)
@@ -134,7 +142,11 @@ class HostDeviceTransaction(Protocol):
         ...
     def host_generation(self, node: str) -> int: ...
     def load_host(self, node: str) -> tuple[list[PciDevice], list[tuple[str, InstancePciRequest]]]: ...
-    def write_host_changes(self, node: str, changes: HostChanges) -> None: ...
+    def write_host_changes(self, node: str, changes: HostChanges) -> bool:
+        """Write *changes*; with ``changes.previous``, the new generation is written first and only
+        over that one (which locks the host's row until the transaction ends): False, and nothing
+        written, if the host's generation is another (or the host has no row yet)."""
+        ...
     def mark_synced(self, node: str, when: float) -> None: ...
     def device_spec(self, node: str) -> Any | None: ...
     def set_device_spec(self, node: str, spec: Any) -> None: ...

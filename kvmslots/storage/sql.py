@@ -15,7 +15,11 @@ depend on the backend.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import json.encoder
+import operator
+from functools import lru_cache
 from typing import Any, Iterable, Mapping, Sequence
 
 from ..devid import uuid8, validate_uuid, validate_vm_name
@@ -42,6 +46,16 @@ _PCI_UPSERT = (
     f"INSERT INTO pci_devices (node, {_PCI_SELECT}) VALUES ({', '.join('?' for _ in range(len(PCI_COLUMNS) + 1))}) "
     f"ON CONFLICT (node, address) DO UPDATE SET "
     + ", ".join(f"{name} = excluded.{name}" for name in PCI_COLUMNS if name != "address")
+)
+_PCI_DELETE = "DELETE FROM pci_devices WHERE node = ? AND address = ?"
+_REQUEST_UPSERT = (
+    "INSERT INTO pci_requests (node, instance_uuid, request_id, body) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (node, instance_uuid, request_id) DO UPDATE SET body = excluded.body"
+)
+_REQUEST_DELETE = "DELETE FROM pci_requests WHERE node = ? AND instance_uuid = ? AND request_id = ?"
+_PCI_STATE_UPDATE = (
+    "UPDATE pci_devices SET status = ?, instance_uuid = ?, request_id = ?, stale = ?, vanished = ? "
+    "WHERE node = ? AND address = ?"
 )
 #: A VF's pool depends on its PF; other devices' do not (as in PciDeviceStats._key).
 _POOL_PARENT = "CASE WHEN dev_type = 'type-VF' THEN parent_addr END"
@@ -285,7 +299,7 @@ class SqlTransaction:
     def lock_host(self, node: str, numa_sockets: Mapping[int, int]) -> int:
         """The host's generation, with its row locked until the transaction ends (created on the
         host's first write; *numa_sockets*, the tracker's configuration, is kept up to date)."""
-        sockets = json.dumps({str(k): v for k, v in sorted(numa_sockets.items())})
+        sockets = _sockets_json(tuple(sorted(numa_sockets.items())) if numa_sockets else ())
         select = "SELECT generation, numa_sockets FROM pci_hosts WHERE node = ?" + self._lock_host_row()
         row = self.execute(select, (node,)).fetchone()
         if row is None:
@@ -304,7 +318,8 @@ class SqlTransaction:
 
     def load_host(self, node: str) -> tuple[list[PciDevice], list[tuple[str, InstancePciRequest]]]:
         rows = self.execute(f"SELECT {_PCI_SELECT} FROM pci_devices WHERE node = ?", (node,)).fetchall()
-        devices = sorted(map(_row_to_pci, rows), key=lambda d: d.address)
+        rows.sort(key=_first)  # by address
+        devices = _rows_to_pci(rows)
         requests = [
             (uuid, InstancePciRequest.from_json(body))
             for uuid, body in self.execute(
@@ -313,29 +328,48 @@ class SqlTransaction:
         ]
         return devices, requests
 
-    def write_host_changes(self, node: str, changes: HostChanges) -> None:
-        self.wrote_host = self.wrote_host or bool(
-            changes.put or changes.deleted or changes.requests_put or changes.requests_deleted
-        )
-        if changes.deleted:
-            self.executemany(
-                "DELETE FROM pci_devices WHERE node = ? AND address = ?", [(node, a) for a in changes.deleted]
+    def write_host_changes(self, node: str, changes: HostChanges) -> bool:
+        """Write what one tracker operation changed (see :meth:`HostDeviceTransaction.write_host_changes`).
+
+        The generation goes first, so that a writer that did not lock the
+        host's row beforehand takes it before any device row, in the order
+        :meth:`lock_host` takes them (PostgreSQL never sees two writers wait
+        for each other).
+        """
+        if changes.previous is not None:
+            assert changes.generation is not None
+            bumped = self.execute(
+                "UPDATE pci_hosts SET generation = ? WHERE node = ? AND generation = ?",
+                (changes.generation, node, changes.previous),
             )
+            if bumped.rowcount != 1:
+                return False
+        elif changes.generation is not None:
+            self.execute("UPDATE pci_hosts SET generation = ? WHERE node = ?", (changes.generation, node))
+        self.wrote_host = self.wrote_host or bool(
+            changes.put or changes.states or changes.deleted or changes.requests_put or changes.requests_deleted
+        )
+        # a claim, an allocation or a free writes one row of a kind: executed alone, not as a batch
+        if changes.deleted:
+            self._write_rows(_PCI_DELETE, [(node, a) for a in changes.deleted])
         if changes.put:
-            self.executemany(_PCI_UPSERT, [(node, *_pci_to_row(d)) for d in changes.put])
+            self._write_rows(_PCI_UPSERT, [(node, *_pci_to_row(d)) for d in changes.put])
+        if changes.states:
+            self._write_rows(_PCI_STATE_UPDATE, [(*_pci_state(d), node, d.address) for d in changes.states])
         if changes.requests_put:
-            self.executemany(
-                "INSERT INTO pci_requests (node, instance_uuid, request_id, body) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (node, instance_uuid, request_id) DO UPDATE SET body = excluded.body",
-                [(node, uuid, request.request_id, request.to_json()) for uuid, request in changes.requests_put],
+            self._write_rows(
+                _REQUEST_UPSERT,
+                [(node, uuid, request.request_id, _json(request.to_dict())) for uuid, request in changes.requests_put],
             )
         if changes.requests_deleted:
-            self.executemany(
-                "DELETE FROM pci_requests WHERE node = ? AND instance_uuid = ? AND request_id = ?",
-                [(node, u, r) for u, r in changes.requests_deleted],
-            )
-        if changes.generation is not None:
-            self.execute("UPDATE pci_hosts SET generation = ? WHERE node = ?", (changes.generation, node))
+            self._write_rows(_REQUEST_DELETE, [(node, u, r) for u, r in changes.requests_deleted])
+        return True
+
+    def _write_rows(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        if len(rows) == 1:
+            self.execute(sql, rows[0])
+        else:
+            self.executemany(sql, rows)
 
     def mark_synced(self, node: str, when: float) -> None:
         self.execute("UPDATE pci_hosts SET synced_at = ? WHERE node = ?", (when, node))
@@ -405,6 +439,12 @@ class SqlTransaction:
         return int(gone)
 
 
+@lru_cache(maxsize=64)
+def _sockets_json(items: tuple[tuple[int, int], ...]) -> str:
+    """A host's NUMA node -> socket map as stored (every tracker operation passes its own)."""
+    return json.dumps({str(k): v for k, v in items})
+
+
 def _device_order(device: Device) -> tuple[str, int, int]:
     return device.bus, device.slot, device.function
 
@@ -417,16 +457,70 @@ def _row_to_device(row: Sequence[Any]) -> Device:
     )
 
 
+def _not_json(value: Any) -> Any:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+_C_ENCODER = getattr(json.encoder, "c_make_encoder", None)
+_encode = None if _C_ENCODER is None else _C_ENCODER(
+    None, _not_json, json.encoder.encode_basestring_ascii, None, ": ", ", ", True, False, True
+)
+
+
+def _json(value: Any) -> str:
+    """``json.dumps(value, sort_keys=True)``, the same text, without making an encoder per call (a
+    claim writes a request, a sync a row per new device: this is on their path)."""
+    if _encode is None:
+        return json.dumps(value, sort_keys=True)
+    return "".join(_encode(value, 0))
+
+
 def _pci_to_row(device: PciDevice) -> tuple[Any, ...]:
     return (
         *(getattr(device, name) for name in HYPERVISOR_FIELDS),
-        json.dumps(device.tags, sort_keys=True),
+        _json(device.tags),
         device.status.value,
         device.instance_uuid,
         device.request_id,
-        None if device.stale is None else json.dumps(device.stale, sort_keys=True),
+        None if device.stale is None else _json(device.stale),
         int(device.vanished),
     )
+
+
+def _pci_state(device: PciDevice) -> tuple[Any, ...]:
+    """The state columns of a device's row (``_PCI_STATE_UPDATE``'s order)."""
+    return (
+        device.status.value,
+        device.instance_uuid,
+        device.request_id,
+        None if device.stale is None else _json(device.stale),
+        int(device.vanished),
+    )
+
+
+_first = operator.itemgetter(0)
+_STATUSES = {status.value: status for status in PciStatus}
+# _rows_to_pci passes a row's columns to PciDevice by position
+assert tuple(f.name for f in dataclasses.fields(PciDevice))[: len(PCI_COLUMNS)] == PCI_COLUMNS
+
+
+def _rows_to_pci(rows: Sequence[Sequence[Any]]) -> list[PciDevice]:
+    """:func:`_row_to_pci` for a host's rows (a reload builds thousands: the few distinct tag sets
+    are parsed once, each device getting its own copy)."""
+    tag_sets: dict[str, dict[str, str]] = {}
+    devices: list[PciDevice] = []
+    append = devices.append
+    for (address, vendor_id, product_id, dev_type, parent_addr, numa_node, iommu_group, dev_id, label, devname,
+         parent_devname, tags, status, instance_uuid, request_id, stale, vanished) in rows:
+        parsed = tag_sets.get(tags)
+        if parsed is None:
+            parsed = tag_sets[tags] = json.loads(tags)
+        append(PciDevice(
+            address, vendor_id, product_id, dev_type, parent_addr, numa_node, iommu_group, dev_id, label, devname,
+            parent_devname, dict(parsed), _STATUSES.get(status) or PciStatus(status), instance_uuid, request_id,
+            None if stale is None else json.loads(stale), bool(vanished),
+        ))
+    return devices
 
 
 def _row_to_pci(row: Sequence[Any]) -> PciDevice:
