@@ -1,14 +1,15 @@
-"""``python -m bench [hotplug] [tracker] [state] [storage]``: run the benchmarks (all by default)."""
+"""``python -m bench [hotplug] [tracker] [state] [storage] [migration]``: run the benchmarks (all by default)."""
 
 from __future__ import annotations
 
 import sys
 import time
 
-from . import hotplug, state, storage, tracker
+from . import hotplug, migration, state, storage, tracker
 from .common import note
 
-SECTIONS = {"hotplug": hotplug.run, "tracker": tracker.run, "state": state.run, "storage": storage.run}
+SECTIONS = {"hotplug": hotplug.run, "tracker": tracker.run, "state": state.run, "storage": storage.run,
+            "migration": migration.run}
 
 
 def main(argv: list[str]) -> int:

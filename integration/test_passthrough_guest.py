@@ -215,7 +215,7 @@ def test_discover_sysfs_in_the_guest_finds_the_pf_and_its_vfs(pt_vm: TestVM, vfs
         assert records[vf]["dev_type"] == "type-VF"
         assert records[vf]["parent_addr"] == PF
         assert isinstance(records[vf]["iommu_group"], int)
-        assert records[vf]["numa_node"] is None  # the guest has no NUMA topology: the kernel says -1
+        assert records[vf]["numa_node"] is None  # no NUMA topology (numa=True adds one): the kernel says -1
     assert len({records[a]["iommu_group"] for a in [PF, *vfs]}) == 3
 
 

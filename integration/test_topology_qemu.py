@@ -10,14 +10,13 @@ an unnumbered bridge shows nothing behind it, hence booted guests for bridges).
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import re
 import subprocess
-import uuid
 from pathlib import Path
 
 import pytest
+from devices import addr, pci_testdev, rng, run, uid
 
 import kvmslots
 from kvmslots import (
@@ -47,27 +46,6 @@ from kvmslots.testvm import TestVM, qemu_binary
 
 GUEST_WAIT = 30.0  # seconds the guest may take to notice a hot add or removal (never asserted on)
 UNPLUG_WAIT = 30.0
-
-
-def uid(n: int) -> str:
-    return str(uuid.UUID(int=(n << 96) | 0x4000_8000_0000_0000_0000 | n))
-
-
-def rng(n: int) -> DeviceSpec:
-    return DeviceSpec(uid(n), "rng", "virtio-rng-pci")
-
-
-def pci_testdev(n: int) -> DeviceSpec:
-    return DeviceSpec(uid(n), "test", "pci-testdev")
-
-
-def addr(bus: int, slot: int, function: int = 0) -> str:
-    """The address the guest kernel shows under /sys/bus/pci/devices."""
-    return f"0000:{bus:02x}:{slot:02x}.{function}"
-
-
-def run(coro):
-    return asyncio.run(coro)
 
 
 def snapshot(store: Store, vm: str) -> tuple[list, list]:
@@ -185,7 +163,6 @@ def test_q35_native_pcie_hotplug_add_then_remove_at_once(tmp_path: Path) -> None
             device, result = run(scenario())
             assert device.bus == plan.controllers[0].id
             assert result.removed and store.devices("vm1") == []
-
 
 
 def test_pc_forty_devices_grow_a_bridge_and_hot_add_goes_behind_it(tmp_path: Path) -> None:

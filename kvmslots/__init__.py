@@ -4,7 +4,9 @@ A VM lifecycle manager calls :func:`plan_boot` before it starts a VM (every
 device gets a stored slot and a ``<type>-<uuid8>-pci-<slot>`` id, and the
 ``-device`` arguments come back), and :func:`hot_add` / :func:`hot_del` /
 :func:`reconcile` while it runs; :func:`adopt` takes over a VM that is
-already running.  Occupancy always combines the VM's
+already running; :func:`outgoing`, :func:`plan_incoming`,
+:func:`confirm_incoming` and :func:`release_outgoing` carry it through a live
+migration.  Occupancy always combines the VM's
 reservation mask, our records and QEMU's live ``query-pci``; a slot is
 released only when QEMU confirms the removal.
 
@@ -25,14 +27,20 @@ from .hotplug import (
     BootPlan,
     HotDelResult,
     HotDelStatus,
+    IncomingPlan,
     ReconcileReport,
+    abort_incoming,
     adopt,
+    confirm_incoming,
     hot_add,
     hot_add_group,
     hot_add_many,
     hot_del,
+    outgoing,
     plan_boot,
+    plan_incoming,
     reconcile,
+    release_outgoing,
     watch_unplugs,
 )
 from .model import Controller, ControllerKind, Device, DeviceGroup, DeviceSpec, DeviceState, Machine, VMSpec
@@ -55,6 +63,12 @@ __all__ = [
     "watch_unplugs",
     "adopt",
     "AdoptReport",
+    "outgoing",
+    "plan_incoming",
+    "confirm_incoming",
+    "abort_incoming",
+    "release_outgoing",
+    "IncomingPlan",
     "SlotManager",
     "Store",
     "Monitor",

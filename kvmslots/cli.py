@@ -387,13 +387,18 @@ def cmd_delete(args: argparse.Namespace, store: Store, out: Output) -> int:
 
 
 def cmd_export(args: argparse.Namespace, store: Store, out: Output) -> int:
-    document = json.dumps(store.export_vm(args.vm), indent=2, sort_keys=True)
-    if args.output:
-        _write_private(args.output, document + "\n", "--output")
-        out.emit({"vm": args.vm, "file": args.output}, f"exported {args.vm} to {args.output}")
-    else:
-        print(document)
+    _put_document(args, out, store.export_vm(args.vm), {}, f"exported {args.vm} to {args.output}")
     return 0
+
+
+def _put_document(args: argparse.Namespace, out: Output, document: Any, facts: dict[str, Any], said: str) -> None:
+    """A JSON document to ``--output`` (0600, reported) or to standard output (the document itself)."""
+    text = json.dumps(document, indent=2, sort_keys=True)
+    if args.output:
+        _write_private(args.output, text + "\n", "--output")
+        out.emit({"vm": args.vm, "file": args.output, **facts}, said)
+    else:
+        print(text)
 
 
 def cmd_import(args: argparse.Namespace, store: Store, out: Output) -> int:
@@ -407,6 +412,76 @@ def cmd_import(args: argparse.Namespace, store: Store, out: Output) -> int:
     vm = store.import_vm(document, replace=args.replace)
     count = len(store.devices(vm.name))
     out.emit({"vm": vm.name, "devices": count}, f"imported {vm.name} with {count} device(s)")
+    return 0
+
+
+# --------------------------------------------------------------------------- live migration
+
+
+def cmd_migrate_export(args: argparse.Namespace, store: Store, out: Output) -> int:
+    from .hotplug import migrate
+
+    document = _with_monitor(args, lambda mon: migrate.outgoing(store, mon, args.vm))
+    count = len(document["state"]["devices"])
+    said = f"migration document of {args.vm} ({count} device(s)) written to {args.output}"
+    _put_document(args, out, document, {"devices": count}, said)
+    return 0
+
+
+def cmd_migrate_plan(args: argparse.Namespace, store: Store, out: Output) -> int:
+    from .hotplug import migrate
+
+    plan = migrate.plan_incoming(store, _read_json_file(args.file, "migration document"), incoming=args.incoming)
+    rows = [{**_controller_json(c), "arg": c.device_option()} for c in plan.controllers]
+    rows += [{**_device_json(d), "arg": d.device_option()} for d in plan.devices]
+    for row in rows:
+        row.pop("chassis", None)
+    data = {"vm": plan.vm.name, "devices": rows, "incoming": plan.incoming, "unmanaged": list(plan.unmanaged),
+            "args": plan.qemu_args}
+
+    def text() -> str:  # quoted for a POSIX shell, as 'plan' prints them
+        lines = [f"-device {shlex.quote(row['arg'])}" for row in rows]
+        return "\n".join([*lines, f"-incoming {shlex.quote(plan.incoming)}"])
+
+    out.emit(data, text)
+    for item in plan.unmanaged:
+        print(f"warning: {plan.vm.name} also runs {item.get('qdev_id') or item.get('description')} at bus "
+              f"{item['bus']} slot {item['slot']} function {item['function']}, which kvmslots did not place: "
+              "start the target with it too", file=sys.stderr)
+    return 0
+
+
+def cmd_migrate_confirm(args: argparse.Namespace, store: Store, out: Output) -> int:
+    from .hotplug import migrate
+
+    document = _read_json_file(args.file, "migration document")
+    done = _with_monitor(args, lambda mon: migrate.confirm_incoming(store, mon, document))
+    args.vm = done.vm
+    said = f"{done.vm}: {len(done.devices)} device(s) confirmed on this host; confirmation written to {args.output}"
+    _put_document(args, out, done.to_json(), {"devices": list(done.devices)}, said)
+    return 0
+
+
+def cmd_migrate_abort(args: argparse.Namespace, store: Store, out: Output) -> int:
+    from .hotplug import migrate
+
+    document = _read_json_file(args.file, "migration document")
+    dropped = migrate.abort_incoming(store, document)
+    vm = migrate.parse_migration(document).vm.name
+    out.emit({"vm": vm, "dropped": [d.qemu_id for d in dropped]},
+             f"dropped the incoming plan of {vm} ({len(dropped)} device(s))")
+    return 0
+
+
+def cmd_migrate_release(args: argparse.Namespace, store: Store, out: Output) -> int:
+    from .hotplug import migrate
+
+    document = _read_json_file(args.file, "migration document")
+    confirmation = _read_json_file(args.confirmation, "migration confirmation")
+    released = _with_monitor(args, lambda mon: migrate.release_outgoing(store, mon, document, confirmation))
+    vm = migrate.parse_migration(document).vm.name
+    out.emit({"vm": vm, "released": [d.qemu_id for d in released]},
+             f"released the records of {vm} ({len(released)} device(s)): it runs on the target now")
     return 0
 
 
@@ -716,6 +791,38 @@ def build_parser() -> argparse.ArgumentParser:
                    "NICs and disks at their slots under the ids QEMU knows them by, then run reconcile")
     p.add_argument("--replace", action="store_true", help="replace the VM if it exists")
     p.set_defaults(func=cmd_import)
+
+    migrate = sub.add_parser("migrate", help="live migration: the target starts with the source's devices at the "
+                             "source's addresses")
+    msub = migrate.add_subparsers(dest="migrate_command", metavar="STEP", required=True)
+    p = msub.add_parser("export", help="on the source, right before QMP migrate: check the VM against QEMU and "
+                        "print its migration document")
+    p.add_argument("vm", help="the VM's name in the state store")
+    p.add_argument("--qmp", required=True, metavar="SOCKET", help="the source VM's QMP socket")
+    p.add_argument("-o", "--output", metavar="FILE", help="write it to FILE (0600) instead")
+    p.set_defaults(func=cmd_migrate_export)
+    p = msub.add_parser("plan", help="on the target: record the incoming VM and print the -device and "
+                        "-incoming arguments to start its QEMU with")
+    p.add_argument("file", metavar="FILE", help="the migration document ('-' reads standard input)")
+    p.add_argument("--incoming", default="defer", metavar="URI", help="QEMU's -incoming value (default: defer, "
+                   "then QMP migrate-incoming)")
+    p.set_defaults(func=cmd_migrate_plan)
+    p = msub.add_parser("confirm", help="on the target, after the migration completed: check the devices in "
+                        "QEMU, mark them attached and print the confirmation the source releases on")
+    p.add_argument("file", metavar="FILE", help="the migration document the target was started from")
+    p.add_argument("--qmp", required=True, metavar="SOCKET", help="the target VM's QMP socket")
+    p.add_argument("-o", "--output", metavar="FILE", help="write the confirmation to FILE (0600) instead")
+    p.set_defaults(func=cmd_migrate_confirm)
+    p = msub.add_parser("abort", help="on the target, after a failed migration: drop the incoming plan")
+    p.add_argument("file", metavar="FILE", help="the migration document the plan was made from")
+    p.set_defaults(func=cmd_migrate_abort)
+    p = msub.add_parser("release", help="on the source, with the target's confirmation: forget the VM's records "
+                        "(only if QEMU also reports 'completed' and they still match the document)")
+    p.add_argument("file", metavar="FILE", help="the migration document the target was started from")
+    p.add_argument("--qmp", required=True, metavar="SOCKET", help="the source VM's QMP socket")
+    p.add_argument("--confirmation", required=True, metavar="FILE", help="what 'migrate confirm' printed on the "
+                   "target")
+    p.set_defaults(func=cmd_migrate_release)
 
     host = sub.add_parser("host", help="the host PCI tracker (passthrough devices)")
     hsub = host.add_subparsers(dest="host_command", required=True, metavar="HOST_COMMAND", parser_class=_Parser)

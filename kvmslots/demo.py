@@ -5,8 +5,10 @@ draws the slot map before and after, hot-removes one with the guest's
 confirmation, claims a passthrough device from a built-in example host
 inventory and shows its planned ``vfio-pci`` argument, reconciles, shuts the
 guest down.  Then the same on a ``q35`` machine: a device and a multifunction
-pair, each behind its own ``pcie-root-port``, a hot add into a spare port and
-its removal.  It says what each step did and how long it took.
+pair, each behind its own ``pcie-root-port``, a hot add into a spare port, a
+live migration of the running guest to a new QEMU on this host (as for a QEMU
+upgrade) started from the records, and the removal on that new QEMU.  It says
+what each step did and how long it took.
 
 The state it creates stays in the state directory it reports (so that
 ``kvmslots --state DIR show demo`` works afterwards); the VM, its sockets and
@@ -227,6 +229,13 @@ def _q35_part(store: Store, steps: _Steps, as_json: bool) -> None:
 
         steps.say(steps.run("q35: slot map", lambda: _slot_map(store, vm, Q35_VM), lambda _: "drawn below"))
 
+        old = vm
+        vm = steps.run("q35: live-migrate to a new QEMU on this host, started from the records",
+                       lambda: _migrate_q35(store, old), lambda v: f"QEMU pid {v.pid} runs the guest now")
+        steps.run("q35: the guest, now on the new QEMU, sees it",
+                  lambda: vm.wait_guest_pci(lambda seen: f"0000:{bus:02x}:00.0" in seen),
+                  lambda _: f"0000:{bus:02x}:00.0")
+
         async def remove() -> Any:
             async with Monitor(vm.qmp_path) as mon:
                 return await hotplug.hot_del(store, mon, Q35_VM, device.uuid, timeout=30)
@@ -235,6 +244,39 @@ def _q35_part(store: Store, steps: _Steps, as_json: bool) -> None:
                   lambda r: f"{r.device.qemu_id} {r.status}; {r.device.bus} is free again")
     finally:
         steps.run("q35: shut the guest down", lambda: vm.stop(), lambda _: "QEMU stopped, VM files removed")
+
+
+def _migrate_q35(store: Store, source: TestVM) -> TestVM:
+    """Live-migrate *source* to a new QEMU on the same store; the source stops, the target is returned."""
+
+    async def move(target: TestVM) -> None:
+        async with Monitor(source.qmp_path) as sm:
+            doc = await hotplug.outgoing(store, sm, Q35_VM)
+            plan = hotplug.plan_incoming(store, doc)  # the same store: the records are there already
+            target.extra_args = ("-nic", "none", *plan.device_args)
+            target.start()
+            async with Monitor(target.qmp_path) as tm:
+                for qemu in (sm, tm):
+                    await qemu.execute("migrate-set-capabilities",
+                                       {"capabilities": [{"capability": "return-path", "state": True}]})
+                await tm.execute("migrate-incoming", {"uri": target.migration_uri})
+                await sm.execute("migrate", {"uri": target.migration_uri})
+                while (status := (await sm.execute("query-migrate"))["status"]) not in ("completed", "failed"):
+                    await asyncio.sleep(0.01)
+                if status != "completed":
+                    raise KvmSlotsError(f"the migration {status}")
+                done = await hotplug.confirm_incoming(store, tm, doc)
+                await hotplug.release_outgoing(store, sm, doc, done)
+
+    target = TestVM(machine="q35", incoming="defer")
+    try:
+        asyncio.run(move(target))
+        target.wait_for_shell(60)
+    except BaseException:
+        target.stop()
+        raise
+    source.stop()
+    return target
 
 
 def main() -> int:

@@ -75,6 +75,11 @@ on a failure.  The hierarchy::
         UnknownPciDevice  (also LookupError)
         DiscoveryError
         HostBindError
+          IommuGroupNotViable
+      MigrationError
+        MigrationRefused
+        MigrationIncomplete
+        MigrationMismatch
       TestVMError
         GuestFilesMissing
         GuestBootTimeout
@@ -85,7 +90,7 @@ A class listed under two parents (``also``) can be caught as either.
 
 from __future__ import annotations
 
-from typing import Self
+from typing import Any, Self
 
 __all__ = [
     "FACTS",
@@ -149,6 +154,11 @@ __all__ = [
     "UnknownPciDevice",
     "DiscoveryError",
     "HostBindError",
+    "IommuGroupNotViable",
+    "MigrationError",
+    "MigrationRefused",
+    "MigrationIncomplete",
+    "MigrationMismatch",
     "TestVMError",
     "GuestFilesMissing",
     "GuestBootTimeout",
@@ -632,7 +642,59 @@ class HostBindError(PciError):
     """A host device could not be bound to vfio-pci or given back to the host."""
 
 
+class IommuGroupNotViable(HostBindError):
+    """Another member of the function's IOMMU group is bound to a driver that does DMA; nothing was changed.
+
+    vfio hands a whole IOMMU group to one user, so the kernel opens a group
+    only when every other member has no driver or one that leaves DMA to
+    its owner (vfio-pci and its vendor variants, pci-stub, pcieport); QEMU
+    would refuse the function ("group N is not viable").  ``address`` is the
+    function, ``iommu_group`` its group number, ``blocking`` maps each
+    blocking member's address to its driver.
+    """
+
+    def __init__(self, address: str, iommu_group: int, blocking: dict[str, str]) -> None:
+        self.address = address
+        self.iommu_group = iommu_group
+        self.blocking = dict(blocking)
+        members = ", ".join(f"{member} (driver {driver})" for member, driver in sorted(self.blocking.items()))
+        super().__init__(
+            f"PCI device {address}: IOMMU group {iommu_group} is not viable for vfio-pci, other members are "
+            f"bound to drivers that do DMA: {members}. Unbind them or bind them to vfio-pci as well; "
+            f"{address} was left on its driver"
+        )
+
+
 # --- disposable test VMs -----------------------------------------------------
+
+# --- live migration -------------------------------------------------------------
+
+class MigrationError(KvmSlotsError):
+    """A step of a live migration could not be taken; the records it guards are as they were.
+
+    ``devices`` names the QEMU ids concerned, so a manager can act on each.
+    """
+
+    def __init__(self, message: str, *, devices: list[str] | None = None, **facts: object) -> None:
+        super().__init__(message, **facts)
+        self.devices = list(devices or [])
+
+
+class MigrationRefused(MigrationError):
+    """The source VM cannot migrate now; ``reason``: ``in_flight``, ``passthrough`` or ``not_running``."""
+
+    def __init__(self, message: str, *, reason: str, **facts: Any) -> None:
+        super().__init__(message, **facts)
+        self.reason = reason
+
+
+class MigrationIncomplete(MigrationError):
+    """QEMU does not report the migration complete (``state``: its status); nothing was released or confirmed."""
+
+
+class MigrationMismatch(MigrationError):
+    """The devices on the two ends differ (``devices``); records are kept for the manager to compare."""
+
 
 class TestVMError(KvmSlotsError):
     """A disposable test VM could not be started or driven."""

@@ -78,11 +78,21 @@ class Store:
             sqlite = SQLiteBackend(location, timeout=timeout, durable=durable)
             self.backend, self.state_dir, self.path = sqlite, sqlite.state_dir, sqlite.path
         self.location = self.backend.location
+        self._identity: str | None = None
 
     @property
     def shared(self) -> bool:
         """Is this a database many hosts share (PostgreSQL), rather than this host's own file?"""
         return self.path is None
+
+    @property
+    def identity(self) -> str:
+        """Which database this is, whichever URL or path reached it: two hosts on one PostgreSQL
+        state (or two QEMUs of one host) see the same identity, so a migration between them knows
+        that the records are already where the target is."""
+        if self._identity is None:
+            self._identity = self.backend.identity()
+        return self._identity
 
     def close(self) -> None:
         self.backend.close()
@@ -203,19 +213,25 @@ class Store:
         return vm
 
 
+def json_object(document: Mapping[str, Any] | str | bytes, what: str) -> Mapping[str, Any]:
+    """*document* as a JSON object, decoded if it is text; :class:`StateImportError` saying *what* it is."""
+    if isinstance(document, (str, bytes)):
+        try:
+            document = json.loads(document)
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise StateImportError(f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(document, Mapping):
+        raise StateImportError(f"{what} must be a JSON object")
+    return document
+
+
 def parse_export(document: Mapping[str, Any] | str | bytes) -> tuple[VMSpec, list[Controller], list[Device]]:
     """Validate an exported document completely; :class:`StateImportError` names the first problem.
 
     Version 1 (before multifunction slots and controllers) is still read: its
     devices are function 0 and it has no controllers.
     """
-    if isinstance(document, (str, bytes)):
-        try:
-            document = json.loads(document)
-        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-            raise StateImportError(f"Runtime document is not valid JSON: {exc}") from None
-    if not isinstance(document, Mapping):
-        raise StateImportError("Runtime document must be a JSON object")
+    document = json_object(document, "Runtime document")
     if document.get("format") != EXPORT_FORMAT:
         raise StateImportError(f"Not a kvmslots runtime document (format {shown(document.get('format'))})")
     version = document.get("version")

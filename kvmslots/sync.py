@@ -45,7 +45,7 @@ def with_monitor(
 
 
 class SlotManager:
-    """``plan_boot``, ``hot_add``, ``hot_del`` and ``reconcile`` without ``await``."""
+    """``plan_boot``, ``hot_add``, ``hot_del``, ``reconcile`` and the live migration steps without ``await``."""
 
     def __init__(
         self,
@@ -130,6 +130,29 @@ class SlotManager:
 
     def reconcile(self, vm: str, *, qmp: str | os.PathLike[str]) -> hotplug.ReconcileReport:
         return self._with_monitor(qmp, lambda mon: hotplug.reconcile(self.store, mon, vm, host=self.host))
+
+    # -- live migration (see kvmslots.hotplug.migrate for the order of the steps) ------------
+    def migration_outgoing(self, vm: str, *, qmp: str | os.PathLike[str]) -> dict[str, Any]:
+        """On the source: the migration document (:func:`~kvmslots.hotplug.migrate.outgoing`)."""
+        return self._with_monitor(qmp, lambda mon: hotplug.outgoing(self.store, mon, vm))
+
+    def plan_incoming(self, document: Any, *, incoming: str = "defer") -> hotplug.IncomingPlan:
+        """On the target: record the incoming VM, get its QEMU arguments."""
+        return hotplug.plan_incoming(self.store, document, incoming=incoming)
+
+    def confirm_incoming(self, document: Any, *, qmp: str | os.PathLike[str]) -> hotplug.IncomingConfirmed:
+        """On the target, after the migration completed: the confirmation the source releases on."""
+        return self._with_monitor(qmp, lambda mon: hotplug.confirm_incoming(self.store, mon, document))
+
+    def abort_incoming(self, document: Any) -> list[Device]:
+        """On the target, after a failed migration: drop the incoming records."""
+        return hotplug.abort_incoming(self.store, document)
+
+    def release_outgoing(self, document: Any, confirmation: Any, *, qmp: str | os.PathLike[str]) -> list[Device]:
+        """On the source, with the target's confirmation: forget the VM's records."""
+        return self._with_monitor(
+            qmp, lambda mon: hotplug.release_outgoing(self.store, mon, document, confirmation)
+        )
 
     def _with_monitor(self, qmp: str | os.PathLike[str], work: Callable[[Monitor], Awaitable[T]]) -> T:
         return with_monitor(qmp, work, connect_timeout=self.connect_timeout, command_timeout=self.command_timeout)

@@ -19,7 +19,9 @@ removal would never complete. This module gives two kinds of throw-away VM:
   --passthrough``) on a ``q35`` machine with an emulated IOMMU (``intel-iommu``,
   interrupt remapping on) and an SR-IOV capable NVMe controller, so that host
   PCI passthrough - virtual functions, IOMMU groups, ``vfio-pci`` - runs on a
-  real kernel. Its root filesystem has python3, ``qemu-system-x86_64`` and
+  real kernel; with ``numa=True`` it also has two NUMA nodes and a second
+  SR-IOV NVMe on node 1 (behind a ``pxb-pcie``), so NUMA affinity is tested
+  on the kernel's own ``numa_node``. Its root filesystem has python3, ``qemu-system-x86_64`` and
   ``nvme-cli``; this kvmslots (and its dependencies) is handed to it at every
   start on a read-only disk, so the guest always runs the code under test.
   :meth:`TestVM.run_script` runs a script there and returns its output and
@@ -70,6 +72,10 @@ __all__ = [
     "GUEST_PYTHON_PACKAGES",
     "find_passthrough_files",
     "sriov_nvme_args",
+    "numa_args",
+    "SRIOV_SERIAL",
+    "NUMA_SRIOV_SERIAL",
+    "NUMA_PXB_BUS",
     "write_python_tar",
 ]
 
@@ -92,6 +98,12 @@ _CONSOLE_MODES = ("guest", "passthrough")  # modes with a booted guest and a she
 _DEFAULT_MACHINE = {"guest": "pc", "qtest": "pc", "passthrough": "q35,kernel-irqchip=split"}
 _DEFAULT_MEMORY_MB = {"guest": 256, "qtest": 256, "passthrough": 1024}
 _DEFAULT_BOOT_TIMEOUT = {"guest": 60.0, "qtest": 60.0, "passthrough": 180.0}
+#: Serial of the passthrough guest's SR-IOV NVMe controller (:func:`sriov_nvme_args`), at 00:02.0.
+SRIOV_SERIAL = "kvmslots-sriov"
+#: Serial of the SR-IOV NVMe controller that ``numa=True`` puts on NUMA node 1 (:func:`numa_args`).
+NUMA_SRIOV_SERIAL = "kvmslots-sriov-node1"
+#: The first bus number of the ``pxb-pcie`` expander on NUMA node 1; its root port's bus is the next.
+NUMA_PXB_BUS = 0x80
 #: Serials of the passthrough guest's virtio disks; its /init finds them by these.
 _ROOT_SERIAL = "kvmslots-root"
 _PYTHON_SERIAL = "kvmslots-python"
@@ -251,12 +263,18 @@ def slots_on_bus(addresses: Iterable[str], bus: int = 0, domain: int = 0) -> set
     return slots
 
 
-def sriov_nvme_args(max_vfs: int = 4, *, addr: int = 2, bus: str | None = None) -> list[str]:
+def sriov_nvme_args(
+    max_vfs: int = 4, *, addr: int = 2, bus: str | None = None, serial: str = SRIOV_SERIAL
+) -> list[str]:
     """QEMU arguments for an SR-IOV capable NVMe controller (QEMU >= 7.1) at slot ``addr``.
 
-    The controller (serial ``kvmslots-sriov``, in NVM subsystem
-    ``kvmslots-subsys``) can enable ``max_vfs`` virtual functions, at functions
-    1..max_vfs of its own slot. It has no namespace, so the guest sees no disk
+    The controller (QEMU id and serial ``serial``, default ``kvmslots-sriov``
+    in NVM subsystem ``kvmslots-subsys``; another serial gets a subsystem of its
+    own, ``<serial>-subsys``, so the guest sees independent devices rather than
+    two controllers of one subsystem) can enable ``max_vfs`` virtual functions, at functions
+    1..max_vfs of its own slot. ``addr`` 0 needs a ``bus`` (slot 0 of
+    ``pcie.0`` is the host bridge; a ``pcie-root-port``'s bus has slot 0 only).
+    It has no namespace, so the guest sees no disk
     on it. Each secondary controller (VF) can get 4 flexible queues (the admin
     queue and 3 I/O queues) and 2 flexible interrupts; the primary keeps 4
     queues and 4 interrupts of its own. QEMU 7.2 starts with no flexible
@@ -267,14 +285,54 @@ def sriov_nvme_args(max_vfs: int = 4, *, addr: int = 2, bus: str | None = None) 
     """
     if isinstance(max_vfs, bool) or not isinstance(max_vfs, int) or not 1 <= max_vfs <= 7:
         raise ValueError(f"max_vfs must be 1..7 (VFs sit in functions 1..7 of the PF's slot), not {max_vfs!r}")
-    if isinstance(addr, bool) or not isinstance(addr, int) or not 0 < addr < 32:
-        raise InvalidSlot(f"addr must be a slot in 1..31, not {addr!r}")
+    if isinstance(addr, bool) or not isinstance(addr, int) or not (0 if bus else 1) <= addr < 32:
+        raise InvalidSlot(f"addr must be a slot in {0 if bus else 1}..31, not {addr!r}")
+    if not isinstance(serial, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]{0,19}", serial):
+        raise ValueError(f"serial must be 1..20 letters, digits and '-' (an NVMe serial number), not {serial!r}")
+    subsys, nqn = ("kvmslots-subsys", "kvmslots") if serial == SRIOV_SERIAL else (f"{serial}-subsys", serial)
     where = f"addr={addr:#x}" + (f",bus={bus}" if bus else "")
     return [
-        "-device", "nvme-subsys,id=kvmslots-subsys,nqn=kvmslots",
-        "-device", f"nvme,id=kvmslots-sriov,serial=kvmslots-sriov,subsys=kvmslots-subsys,{where},"
+        "-device", f"nvme-subsys,id={subsys},nqn={nqn}",
+        "-device", f"nvme,id={serial},serial={serial},subsys={subsys},{where},"
                    f"sriov_max_vfs={max_vfs},sriov_vq_flexible={4 * max_vfs},sriov_vi_flexible={2 * max_vfs},"
                    f"max_ioqpairs={4 * max_vfs + 3},msix_qsize={2 * max_vfs + 4}",
+    ]  # fmt: skip
+
+
+def numa_args(memory_mb: int, cpus: int, sriov_max_vfs: int | None = 4) -> list[str]:
+    """QEMU arguments for two NUMA nodes and an SR-IOV NVMe controller on node 1 (a q35 machine).
+
+    Node 0 gets the first half of the CPUs and ``memory_mb // 2`` MiB, node 1
+    the rest, each from a ``memory-backend-ram`` (QEMU 7.2 refuses the older
+    ``-numa node,mem=`` on current machine types). A ``pxb-pcie`` expander
+    bridge with ``numa_node=1`` (buses from :data:`NUMA_PXB_BUS`, at slot 5 of
+    ``pcie.0``) holds a ``pcie-root-port`` and, behind it, the controller of
+    :func:`sriov_nvme_args` with serial :data:`NUMA_SRIOV_SERIAL` (none when
+    ``sriov_max_vfs`` is None). QEMU writes the expander's node into ACPI
+    (``_PXM``), so the guest kernel puts the controller and its VFs on node 1,
+    as a host firmware does for a device in the second socket's root complex;
+    devices on ``pcie.0`` keep node -1 (no ``_PXM``), as on a host whose
+    firmware does not tell. Every piece works under TCG and KVM alike.
+
+    QEMU puts a ``-device`` that names no ``bus`` on the PCI bus created last,
+    so a PCI device given after these arguments needs a ``bus=`` (``pcie.0``,
+    or a root port of its own): the expander's bus takes bridges only.
+    """
+    if isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 2:
+        raise ValueError(f"two NUMA nodes need at least 2 CPUs, not {cpus!r}")
+    if isinstance(memory_mb, bool) or not isinstance(memory_mb, int) or memory_mb < 64:
+        raise ValueError(f"two NUMA nodes need at least 64 MiB, not {memory_mb!r}")
+    half, first = memory_mb // 2, cpus // 2
+    port = "kvmslots-node1-port"
+    return [
+        "-object", f"memory-backend-ram,id=kvmslots-node0-mem,size={half}M",
+        "-object", f"memory-backend-ram,id=kvmslots-node1-mem,size={memory_mb - half}M",
+        "-numa", f"node,nodeid=0,cpus=0{f'-{first - 1}' if first > 1 else ''},memdev=kvmslots-node0-mem",
+        "-numa", f"node,nodeid=1,cpus={first}{f'-{cpus - 1}' if cpus - first > 1 else ''},memdev=kvmslots-node1-mem",
+        "-device", f"pxb-pcie,id=kvmslots-node1-pxb,bus_nr={NUMA_PXB_BUS},numa_node=1,bus=pcie.0,addr=0x5",
+        # chassis 200: away from the small numbers callers give their own root ports
+        "-device", f"pcie-root-port,id={port},bus=kvmslots-node1-pxb,chassis=200,addr=0x0",
+        *(sriov_nvme_args(sriov_max_vfs, addr=0, bus=port, serial=NUMA_SRIOV_SERIAL) if sriov_max_vfs else []),
     ]  # fmt: skip
 
 
@@ -423,7 +481,9 @@ class TestVM:
         boot_timeout: float | None = None,
         cpus: int = 1,
         sriov_max_vfs: int | None = 4,
+        numa: bool = False,
         python_packages: Sequence[str] = GUEST_PYTHON_PACKAGES,
+        incoming: str | None = None,
     ) -> None:
         """Prepare (but do not start) a VM.
 
@@ -440,7 +500,18 @@ class TestVM:
         ``sriov_max_vfs`` sizes the SR-IOV NVMe controller of
         :func:`sriov_nvme_args` at slot 2 (None: no such controller, bring
         devices in ``extra_args``), and ``python_packages`` are the host's
-        packages handed to the guest (:func:`write_python_tar`).
+        packages handed to the guest (:func:`write_python_tar`). ``numa=True``
+        gives the guest two NUMA nodes and a second SR-IOV NVMe controller
+        (serial :data:`NUMA_SRIOV_SERIAL`, also ``sriov_max_vfs``) behind a
+        ``pxb-pcie`` on node 1, at ``0000:81:00.0`` (:func:`numa_args`); it
+        takes at least 2 CPUs, so ``cpus`` below 2 becomes 2. It is opt-in
+        because it adds PCI functions that tests of the default topology would
+        otherwise see.
+
+        ``incoming`` starts QEMU as a live migration target (``-incoming
+        <incoming>``; :attr:`migration_uri` is a private unix socket for it):
+        :meth:`start` then returns once QEMU is up, as the guest runs only
+        after the migration, and :meth:`wait_for_shell` waits for it there.
         """
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, not {mode!r}")
@@ -453,13 +524,20 @@ class TestVM:
         self.machine = machine or _DEFAULT_MACHINE[mode]
         self.accel = accel or os.environ.get("KVMSLOTS_ACCEL") or "tcg"
         self.memory_mb = memory_mb
-        self.cpus = cpus
+        if numa and mode != "passthrough":
+            raise ValueError(f"numa=True is for passthrough mode (a q35 guest with an IOMMU), not {mode} mode")
+        self.numa = bool(numa)
+        self.cpus = max(cpus, 2) if numa else cpus  # one CPU per node at least
         self.extra_args = tuple(str(arg) for arg in extra_args)
+        if incoming is not None and (not isinstance(incoming, str) or not incoming or incoming.startswith("-")):
+            raise ValueError(f"incoming must be a QEMU -incoming value such as unix:/path, not {incoming!r}")
+        self.incoming = incoming
         self.boot_timeout = _DEFAULT_BOOT_TIMEOUT[mode] if boot_timeout is None else boot_timeout
         self.kernel: Path | None = None
         self.initramfs: Path | None = None
         self.rootfs: Path | None = None
         self.sriov_args = sriov_nvme_args(sriov_max_vfs) if mode == "passthrough" and sriov_max_vfs else []
+        self.numa_args = numa_args(memory_mb, self.cpus, sriov_max_vfs) if numa else []
         self.python_packages = tuple(python_packages)
         self.guest_python: str | None = None
         if mode == "guest":  # fail before creating anything
@@ -481,7 +559,9 @@ class TestVM:
         self.console_path = private / "console.sock"
         self.qtest_path = private / "qtest.sock"
         self.python_tar_path = private / "python.tar"
-        self._res.socket_files += [self.qmp_path, self.console_path, self.qtest_path]
+        #: A private unix socket for a migration to (``incoming=vm.migration_uri``) or from this VM.
+        self.migration_path = private / "migrate.sock"
+        self._res.socket_files += [self.qmp_path, self.console_path, self.qtest_path, self.migration_path]
         if len(os.fsencode(self.console_path)) > _SUN_PATH_MAX:
             self._finalizer()
             raise TestVMError(f"socket path too long for AF_UNIX: {self.console_path} (set TMPDIR shorter)")
@@ -547,6 +627,9 @@ class TestVM:
                 "-drive", f"file={_chardev_path(self.python_tar_path)},if=none,id={_PYTHON_SERIAL},"
                           "format=raw,readonly=on",
                 "-device", f"virtio-blk-pci,drive={_PYTHON_SERIAL},serial={_PYTHON_SERIAL},addr=0x4",
+                # after every device that names no bus: QEMU puts such a device on the newest
+                # PCI bus, which would be the expander's (it takes bridges only)
+                *self.numa_args,
                 "-kernel", str(self.kernel),
                 "-initrd", str(self.initramfs),
                 "-append", f"console=ttyS0 panic=-1 quiet intel_iommu=on iommu=pt kvmslots.root={_ROOT_SERIAL}",
@@ -560,7 +643,14 @@ class TestVM:
                 "-qtest", f"unix:{_chardev_path(self.qtest_path)},server=on,wait=off",
                 "-qtest-log", str(self.qtest_log_path),
             ]  # fmt: skip
+        if self.incoming is not None:
+            cmd += ["-incoming", self.incoming]
         return cmd + list(self.extra_args)
+
+    @property
+    def migration_uri(self) -> str:
+        """``unix:<migration_path>``: a migration URI both QEMUs of a test can use."""
+        return f"unix:{self.migration_path}"
 
     def start(self) -> TestVM:
         """Start QEMU and wait until the VM can be driven.
@@ -580,7 +670,8 @@ class TestVM:
             deadline = time.monotonic() + self.boot_timeout
             if self.mode in _CONSOLE_MODES:
                 self._console = self._connect(self.console_path, deadline)
-                self._wait_for_shell(deadline)
+                if self.incoming is None:  # a migration target's guest runs only once the state arrived
+                    self._wait_for_shell(deadline)
             else:
                 self._qtest = self._connect(self.qtest_path, deadline)
             self._wait_for_file(self.qmp_path, deadline)
@@ -700,6 +791,11 @@ class TestVM:
             self._console_log.flush()
             self._console_buf += data
 
+    def wait_for_shell(self, timeout: float | None = None) -> None:
+        """Wait until the guest's shell answers (after a migration into this VM, say)."""
+        self._require(*_CONSOLE_MODES)
+        self._wait_for_shell(time.monotonic() + (self.boot_timeout if timeout is None else timeout))
+
     def _wait_for_shell(self, deadline: float) -> None:
         """Probe the console with markers until the shell answers one.
 
@@ -715,7 +811,10 @@ class TestVM:
             token = next(self._tokens)
             sent.add(str(token).encode())
             assert self._console is not None
-            self._console.sendall(f"echo @@$(({token}+0))R\n".encode())
+            try:
+                self._console.sendall(f"echo @@$(({token}+0))R\n".encode())
+            except TimeoutError:  # a hung guest stops reading its console: the buffers are full
+                pass  # the deadline below says GuestBootTimeout, with the console's tail
             step = min(deadline, time.monotonic() + _PROBE_INTERVAL)
             while (match := self._read_console(answer, step)) is not None:
                 if match[1] in sent:
@@ -792,7 +891,7 @@ class TestVM:
             raise TestVMError(f"guest script ({interpreter}) exited {status}: {output.strip()[-2000:]}")
         return output, status
 
-    def enable_nvme_vfs(self, count: int, *, serial: str = "kvmslots-sriov", timeout: float = 60.0) -> list[str]:
+    def enable_nvme_vfs(self, count: int, *, serial: str = SRIOV_SERIAL, timeout: float = 60.0) -> list[str]:
         """Enable ``count`` VFs of the SR-IOV NVMe controller (:func:`sriov_nvme_args`); return their addresses.
 
         Passthrough mode. The VFs come up online, bound to the guest's

@@ -19,9 +19,10 @@ from kvmslots.errors import (
     HostBindError,
     InvalidDevicesJson,
     InvalidPciAddress,
+    IommuGroupNotViable,
 )
 from kvmslots.pci.address import DEV_TYPE_PCI, DEV_TYPE_PF, DEV_TYPE_VF, parse_address
-from kvmslots.pci.binding import HostBinder, LibvirtBinder, SysfsBinder
+from kvmslots.pci.binding import HostBinder, LibvirtBinder, SysfsBinder, leaves_dma_to_owner
 from kvmslots.pci.discovery import (
     discover_sysfs,
     interface_from_nodedev_xml,
@@ -421,6 +422,91 @@ def test_sysfs_binder_write_failure_names_device_and_file(tmp_path: Path) -> Non
         SysfsBinder(root).detach("0000:09:00.0")
 
 
+# --- sysfs binder: IOMMU group viability ---------------------------------------------
+
+BRIDGE, OURS, OTHER = "0000:05:00.0", "0000:06:01.0", "0000:06:02.0"
+
+
+def _shared_group_tree(tmp_path: Path, other_driver: str | None, ours: str = "nvme") -> Path:
+    """Two functions behind a PCIe-to-PCI bridge: the bridge and both share IOMMU group 7."""
+    bridge = make_record(BRIDGE, "1b36", "000e", DEV_TYPE_PCI, iommu_group=7)
+    mine = {**make_record(OURS, "1b36", "0010", DEV_TYPE_PCI, iommu_group=7), "driver": ours}
+    other = make_record(OTHER, "1b36", "0010", DEV_TYPE_PCI, iommu_group=7)
+    if other_driver:
+        other["driver"] = other_driver
+    return build_sysfs_tree(tmp_path / "sys", [bridge, mine, other])
+
+
+@pytest.mark.parametrize(
+    ("driver", "leaves"),
+    [(None, True), ("vfio-pci", True), ("pci-stub", True), ("pcieport", True), ("mlx5_vfio_pci", True),
+     ("hisi_acc_vfio_pci", True), ("nvme", False), ("igbvf", False), ("ahci", False), ("shpchp", False)],
+)
+def test_which_drivers_leave_dma_to_the_groups_owner(driver: str | None, leaves: bool) -> None:
+    assert leaves_dma_to_owner(driver) is leaves
+
+
+def test_detach_refuses_a_function_whose_group_has_a_member_on_a_dma_driver_and_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = _shared_group_tree(tmp_path, "nvme")
+    binder = SysfsBinder(root)
+    writes = _recording(binder, monkeypatch)
+    before = _snapshot(tmp_path)
+    assert binder.group_blockers(OURS) == {OTHER: "nvme"}
+    with pytest.raises(IommuGroupNotViable) as info:
+        binder.detach(OURS)
+    error = info.value
+    assert isinstance(error, HostBindError)  # what the hot add's undo and callers already catch
+    assert (error.address, error.iommu_group, error.blocking) == (OURS, 7, {OTHER: "nvme"})
+    assert error.facts() == {"address": OURS, "iommu_group": 7, "blocking": {OTHER: "nvme"}}
+    assert f"{OTHER} (driver nvme)" in str(error) and "group 7" in str(error)
+    assert BRIDGE not in str(error)  # no driver: not in the way
+    assert writes == [] and _snapshot(tmp_path) == before
+    assert binder.driver(OURS) == "nvme"
+
+
+def test_a_function_already_on_vfio_pci_in_a_group_that_is_not_viable_is_refused_too(tmp_path: Path) -> None:
+    root = _shared_group_tree(tmp_path, "nvme", ours="vfio-pci")
+    with pytest.raises(IommuGroupNotViable, match=OTHER):
+        SysfsBinder(root).detach(OURS)  # QEMU could not open it either
+
+
+@pytest.mark.parametrize("other_driver", [None, "vfio-pci", "pci-stub", "pcieport", "mlx5_vfio_pci"])
+def test_detach_goes_ahead_when_every_other_member_leaves_dma_to_the_owner(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, other_driver: str | None
+) -> None:
+    root = _shared_group_tree(tmp_path, other_driver, ours="vfio-pci")
+    binder = SysfsBinder(root)
+    assert binder.group_blockers(OURS) == {}
+    writes = _recording(binder, monkeypatch)
+    binder.detach(OURS)
+    assert [(p.name, t) for p, t in writes] == [("driver_override", "vfio-pci")]
+
+
+def test_detach_of_a_host_driver_bound_function_in_a_viable_group_writes_as_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = _shared_group_tree(tmp_path, "vfio-pci")
+    binder = SysfsBinder(root)
+    writes = _recording(binder, monkeypatch)
+    with pytest.raises(HostBindError, match="drivers_probe") as info:  # no kernel moves the link here
+        binder.detach(OURS)
+    assert not isinstance(info.value, IommuGroupNotViable)
+    assert [p.name for p, _ in writes] == ["driver_override", "unbind", "drivers_probe", "driver_override",
+                                           "drivers_probe"]
+
+
+def test_a_function_without_an_iommu_group_is_not_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = build_sysfs_tree(tmp_path / "sys", [{**make_record(OURS, "1b36", "0010", DEV_TYPE_PCI), "driver": "nvme"}])
+    binder = SysfsBinder(root)
+    assert binder.group_blockers(OURS) == {}
+    writes = _recording(binder, monkeypatch)
+    with pytest.raises(HostBindError) as info:
+        binder.detach(OURS)
+    assert not isinstance(info.value, IommuGroupNotViable) and writes[0][0].name == "driver_override"
+
+
 @pytest.mark.parametrize(
     "address",
     ["../../../../etc/passwd", "0000:04:10.3/../../..", "0000:04:10.8", "0000:04:20.0", "", "pci_0000_04_10_3"],
@@ -432,7 +518,7 @@ def test_bad_address_rejected_before_any_file_is_touched(
     binder = SysfsBinder(root)
     writes = _recording(binder, monkeypatch)
     before = _snapshot(tmp_path)
-    for call in (binder.detach, binder.reattach, binder.driver):
+    for call in (binder.detach, binder.reattach, binder.driver, binder.group_blockers):
         with pytest.raises(InvalidPciAddress):
             call(address)
     with pytest.raises(InvalidPciAddress):

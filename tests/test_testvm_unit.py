@@ -337,3 +337,86 @@ def test_plugin_fixture_fails_without_a_guest_and_names_the_command(
         [f"*GuestFilesMissing: test guest not built*Build it with: kvmslots guest build {tmp_path / 'no-guest'}*"]
     )
     result.stdout.no_fnmatch_line("*testvm.py:*")  # the reason, not a traceback into kvmslots
+
+
+# --- passthrough mode with two NUMA nodes ----------------------------------------------------
+
+
+@pytest.fixture
+def passthrough_dir(tmp_path: Path) -> Path:
+    built = tmp_path / "passthrough"
+    built.mkdir()
+    for name in ("vmlinuz", "initramfs.cpio.gz", "rootfs.ext4", "packages.txt"):
+        (built / name).write_text(name)
+    return tmp_path
+
+
+def _devices(args: list[str]) -> list[str]:
+    return [args[i + 1] for i, arg in enumerate(args) if arg == "-device"]
+
+
+def test_numa_args_give_each_node_half_and_put_an_sriov_nvme_behind_an_expander_on_node_1() -> None:
+    args = testvm.numa_args(1024, 2)
+    assert [args[i + 1] for i, arg in enumerate(args) if arg in ("-object", "-numa")] == [
+        "memory-backend-ram,id=kvmslots-node0-mem,size=512M",
+        "memory-backend-ram,id=kvmslots-node1-mem,size=512M",
+        "node,nodeid=0,cpus=0,memdev=kvmslots-node0-mem",
+        "node,nodeid=1,cpus=1,memdev=kvmslots-node1-mem",
+    ]
+    pxb, port, subsys, nvme = _devices(args)
+    assert pxb.startswith("pxb-pcie,id=kvmslots-node1-pxb,") and "numa_node=1" in pxb and "bus_nr=128" in pxb
+    assert port.startswith("pcie-root-port,id=kvmslots-node1-port,bus=kvmslots-node1-pxb,")
+    assert subsys == f"nvme-subsys,id={testvm.NUMA_SRIOV_SERIAL}-subsys,nqn={testvm.NUMA_SRIOV_SERIAL}"
+    assert f"serial={testvm.NUMA_SRIOV_SERIAL}," in nvme and "addr=0x0,bus=kvmslots-node1-port" in nvme
+    assert "sriov_max_vfs=4" in nvme
+    odd = testvm.numa_args(1001, 5, None)  # no controller; the odd MiB and CPU go to node 1
+    assert "size=500M" in odd[1] and "size=501M" in odd[3]
+    assert "cpus=0-1," in odd[5] and "cpus=2-4," in odd[7]
+    assert [d.split(",")[0] for d in _devices(odd)] == ["pxb-pcie", "pcie-root-port"]
+    with pytest.raises(ValueError, match="2 CPUs"):
+        testvm.numa_args(1024, 1)
+    with pytest.raises(ValueError, match="64 MiB"):
+        testvm.numa_args(32, 2)
+
+
+def test_sriov_nvme_args_name_a_subsystem_per_serial_and_take_slot_0_only_behind_a_bus() -> None:
+    assert _devices(testvm.sriov_nvme_args(2))[0] == "nvme-subsys,id=kvmslots-subsys,nqn=kvmslots"  # as before
+    subsys, nvme = _devices(testvm.sriov_nvme_args(2, addr=0, bus="port1", serial="other-1"))
+    assert subsys == "nvme-subsys,id=other-1-subsys,nqn=other-1"
+    assert nvme.startswith("nvme,id=other-1,serial=other-1,subsys=other-1-subsys,addr=0x0,bus=port1,")
+    with pytest.raises(InvalidSlot, match="1..31"):
+        testvm.sriov_nvme_args(2, addr=0)
+    for serial in ("", "a" * 21, "bad,serial", "-x"):
+        with pytest.raises(ValueError, match="serial"):
+            testvm.sriov_nvme_args(2, serial=serial)
+
+
+def test_passthrough_with_numa_boots_two_cpus_and_adds_the_expander_after_the_disks(passthrough_dir: Path) -> None:
+    vm = TestVM(mode="passthrough", guest_dir=passthrough_dir, numa=True, extra_args=["-device", "x,bus=pcie.0"])
+    try:
+        cmd = vm.qemu_command()
+    finally:
+        vm.stop()
+    assert vm.cpus == 2 and cmd[cmd.index("-smp") + 1] == "2"
+    devices = [d.split(",")[0] for d in _devices(cmd)]
+    assert devices == ["intel-iommu", "nvme-subsys", "nvme", "virtio-blk-pci", "virtio-blk-pci",
+                       "pxb-pcie", "pcie-root-port", "nvme-subsys", "nvme", "x"]  # fmt: skip
+    assert cmd[cmd.index("-m") + 1] == "1024" and "node,nodeid=1,cpus=1,memdev=kvmslots-node1-mem" in cmd
+    vm = TestVM(mode="passthrough", guest_dir=passthrough_dir, numa=True, cpus=4, sriov_max_vfs=None)
+    try:
+        cmd = vm.qemu_command()
+    finally:
+        vm.stop()
+    assert vm.cpus == 4 and "node,nodeid=1,cpus=2-3,memdev=kvmslots-node1-mem" in cmd
+    assert not [d for d in _devices(cmd) if d.startswith("nvme")]
+    vm = TestVM(mode="passthrough", guest_dir=passthrough_dir)
+    try:
+        assert "-numa" not in vm.qemu_command() and "-smp" not in vm.qemu_command()  # opt-in
+    finally:
+        vm.stop()
+
+
+def test_numa_is_for_passthrough_mode_only(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="passthrough mode"):
+        TestVM(tmp_path / "work", mode="qtest", numa=True)
+    assert not (tmp_path / "work").exists()

@@ -9,7 +9,8 @@ right now, and the ports and bridges we planned) and QEMU's live
 only if all agree, and becomes free again only when removal is confirmed.
 
 One module per operation: :mod:`.boot`, :mod:`.add`, :mod:`.remove`,
-:mod:`.reconcile`, and :mod:`.adopt` for a running VM kvmslots did not start.
+:mod:`.reconcile`, :mod:`.adopt` for a running VM kvmslots did not start, and
+:mod:`.migrate` for live migration (the target starts with the source's devices).
 These coroutines take a :class:`~kvmslots.store.Store` and a monitor as
 arguments (anything that implements :class:`~kvmslots.monitor.MonitorLike`),
 so a lifecycle manager can hand in its own connection and tests can hand in a
@@ -20,6 +21,15 @@ from .add import hot_add, hot_add_group, hot_add_many
 from .adopt import AdoptReport, adopt
 from .boot import BootPlan, plan_boot
 from .common import refuse_raw_passthrough
+from .migrate import (
+    IncomingConfirmed,
+    IncomingPlan,
+    abort_incoming,
+    confirm_incoming,
+    outgoing,
+    plan_incoming,
+    release_outgoing,
+)
 from .reconcile import ReconcileReport, reconcile
 from .remove import HotDelResult, HotDelStatus, hot_del, watch_unplugs
 
@@ -38,4 +48,11 @@ __all__ = [
     "adopt",
     "AdoptReport",
     "refuse_raw_passthrough",
+    "IncomingPlan",
+    "IncomingConfirmed",
+    "outgoing",
+    "plan_incoming",
+    "confirm_incoming",
+    "abort_incoming",
+    "release_outgoing",
 ]

@@ -14,6 +14,7 @@ from .common import (
     Unit,
     check_unique_ids,
     check_unique_uuids,
+    device_arguments,
     members,
     refuse_raw_passthrough,
     require_host,
@@ -36,12 +37,7 @@ class BootPlan:
 
         Controllers come first (a device's bus must exist before it), parents before children.
         """
-        args: list[str] = []
-        for controller in self.controllers:
-            args += ["-device", controller.device_option()]
-        for device in self.devices:
-            args += ["-device", device.device_option()]
-        return args
+        return device_arguments(self.controllers, self.devices)
 
 
 async def plan_boot(

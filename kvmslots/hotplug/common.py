@@ -8,7 +8,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from ..devid import coerce_props, is_passthrough_driver
 from ..errors import DeviceExists, InvalidDriver, InvalidPciRequest, QemuCommandError, StateError
-from ..model import Device, DeviceGroup, DeviceSpec, DeviceState, VMSpec
+from ..model import Controller, Device, DeviceGroup, DeviceSpec, DeviceState, VMSpec
 from ..monitor import KeepsConnectionFacts, MonitorLike, TypesProperties
 from ..passthrough import HostDevices, PassthroughSpec, is_passthrough
 from ..pciview import PciFunction, PciOccupancy
@@ -23,6 +23,17 @@ RACE_RETRIES = 3
 SLOT_TAKEN_TEXT = "not available for"
 
 Unit = DeviceSpec | DeviceGroup
+
+
+def device_arguments(controllers: Iterable[Controller], devices: Iterable[Device]) -> list[str]:
+    """``-device`` arguments for QEMU's command line: the controllers first (a device's bus must exist
+    before it; they come parents first), then the devices."""
+    args: list[str] = []
+    for controller in controllers:
+        args += ["-device", controller.device_option()]
+    for device in devices:
+        args += ["-device", device.device_option()]
+    return args
 
 
 def members(unit: Unit) -> tuple[DeviceSpec, ...]:

@@ -173,19 +173,19 @@ def _reconcile_view(
             for device in group:
                 txn.set_state(vm, device.uuid, DeviceState.DETACHING)
             detaching = [d.with_state(DeviceState.DETACHING) for d in group]
-            unsent.append((detaching, [d for d in detaching if _live(d, view, topo) is Live.PRESENT]))
+            unsent.append((detaching, [d for d in detaching if live_state(d, view, topo) is Live.PRESENT]))
         orphaned = {d.uuid for group in orphans for d in group}
         for device in devices:
             if device.uuid in orphaned:
                 continue
-            action = _action(device.state, device.uuid in requested, _live(device, view, topo))
+            action = _action(device.state, device.uuid in requested, live_state(device, view, topo))
             if action is Action.RESEND:
                 group = group_of(devices, device)
                 if group[0] is device:  # a slot is unplugged once, through its function 0
                     unsent.append((group, group))
             elif action is not None:
                 _apply(txn, vm, device, action, report)
-        report.unknown = _unknown_devices(topo, devices, view)
+        report.unknown = unknown_devices(topo, devices, view)
     return report, unsent
 
 
@@ -200,14 +200,15 @@ def _orphan_groups(devices: Sequence[Device], view: PciOccupancy, topo: Topology
         if not (device.function == 0 and device.multifunction and device.state is DeviceState.ATTACHING):
             continue
         group = group_of(devices, device)
-        if _live(device, view, topo) is Live.ABSENT and any(
-            _live(d, view, topo) is Live.PRESENT for d in group[1:]
+        if live_state(device, view, topo) is Live.ABSENT and any(
+            live_state(d, view, topo) is Live.PRESENT for d in group[1:]
         ):
             orphans.append(group)
     return orphans
 
 
-def _live(device: Device, view: PciOccupancy, topo: Topology) -> Live:
+def live_state(device: Device, view: PciOccupancy, topo: Topology) -> Live:
+    """Where QEMU's live view has the recorded device, against its record (shared with migration's checks)."""
     live = view.find(device.qemu_id)
     if live is None:
         return Live.UNPLACED if view.has(device.qemu_id) else Live.ABSENT
@@ -270,7 +271,7 @@ def _restore_detaching(store: Store, vm: str, group: list[Device]) -> list[str]:
     return restored
 
 
-def _unknown_devices(topo: Topology, devices: Sequence[Device], view: PciOccupancy) -> list[dict[str, Any]]:
+def unknown_devices(topo: Topology, devices: Sequence[Device], view: PciOccupancy) -> list[dict[str, Any]]:
     """Live functions nobody told us about: not our devices or controllers, not the machine's built-ins."""
     ours = {device.qemu_id for device in devices} | {c.id for c in topo.controllers}
     unknown = []

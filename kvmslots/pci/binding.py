@@ -16,9 +16,15 @@ driver while a guest still has it mapped through VFIO is unsafe (the host
 driver would program a device the guest is still using).  This module does
 not check that; the hotplug orchestration guarantees it.
 
-vfio-pci works per IOMMU group: every function of a group must be bound to
-vfio-pci (or to no driver) before QEMU can open one of them.  The binders act
-on one function; choosing what to detach is the caller's business.
+vfio-pci works per IOMMU group: the kernel opens a group for QEMU only when
+every other member has no driver or one that leaves DMA to its owner
+(``driver_managed_dma`` in the kernel: vfio-pci and its vendor variants,
+pci-stub, pcieport).  The binders act on one function and never unbind its
+neighbours, since choosing what to take from the host is the caller's
+business; :meth:`SysfsBinder.detach` checks the group first and raises
+:class:`~kvmslots.errors.IommuGroupNotViable` (naming the members in the way
+and their drivers) before it changes anything, rather than handing QEMU a
+function it could not open.
 
 Addresses are validated with :func:`~kvmslots.pci.address.parse_address`
 before any path is built, so nothing outside ``<root>/bus/pci`` can be touched
@@ -35,13 +41,28 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from ..errors import HostBindError
+from ..errors import HostBindError, IommuGroupNotViable
 from .address import PciAddress, parse_address
 from .discovery import _connection, _import_libvirt, _libvirt_message
 
-__all__ = ["VFIO_DRIVER", "HostBinder", "LibvirtBinder", "SysfsBinder"]
+__all__ = ["DMA_OWNER_DRIVERS", "VFIO_DRIVER", "HostBinder", "LibvirtBinder", "SysfsBinder", "leaves_dma_to_owner"]
 
 VFIO_DRIVER = "vfio-pci"
+#: Drivers the kernel lets share an IOMMU group with vfio-pci (they set ``driver_managed_dma``):
+#: they do no DMA through the group's default domain.  pcieport drives PCIe ports (bridges).
+DMA_OWNER_DRIVERS = frozenset({VFIO_DRIVER, "pci-stub", "pcieport"})
+#: Vendor variants of vfio-pci (``mlx5_vfio_pci``, ``hisi_acc_vfio_pci``, ...) end in one of these.
+_VFIO_VARIANT_SUFFIXES = ("_vfio_pci", "-vfio-pci")
+
+
+def leaves_dma_to_owner(driver: str | None) -> bool:
+    """Whether a group member bound to ``driver`` (None: no driver) lets vfio take the group.
+
+    The kernel's rule (``iommu_group_claim_dma_owner``): a group can be given to
+    a vfio user only while no member is bound to a driver that uses the
+    group's default DMA domain.
+    """
+    return driver is None or driver in DMA_OWNER_DRIVERS or driver.endswith(_VFIO_VARIANT_SUFFIXES)
 
 
 @runtime_checkable
@@ -99,20 +120,78 @@ class SysfsBinder:
                 raise HostBindError(f"PCI device {addr}: {link} is not a symlink") from exc
             raise HostBindError(f"PCI device {addr}: cannot read {link}: {exc.strerror or exc}") from exc
 
+    def _group(self, addr: PciAddress, path: Path) -> tuple[int | None, dict[str, str | None]]:
+        """The function's IOMMU group number and its other members with their drivers.
+
+        ``(None, {})`` when the function has no ``iommu_group`` link (no IOMMU:
+        vfio-pci itself will refuse it).  Members are read from the group's
+        ``devices`` directory, where the kernel lists every device of the group.
+        """
+        link = path / "iommu_group"
+        try:
+            target = os.readlink(link)
+        except FileNotFoundError:
+            return None, {}
+        except OSError as exc:
+            raise HostBindError(f"PCI device {addr}: cannot read {link}: {exc.strerror or exc}") from exc
+        name = os.path.basename(target.rstrip("/"))
+        if not name.isdigit():
+            raise HostBindError(f"PCI device {addr}: {link} points to {target!r}, not an IOMMU group number")
+        members_dir = link / "devices"
+        try:
+            names = sorted(os.listdir(members_dir))
+        except OSError as exc:
+            raise HostBindError(f"PCI device {addr}: cannot list {members_dir}: {exc.strerror or exc}") from exc
+        others: dict[str, str | None] = {}
+        for member in names:
+            if member == str(addr):
+                continue
+            driver_link = members_dir / member / "driver"
+            try:
+                others[member] = os.path.basename(os.readlink(driver_link).rstrip("/"))
+            except FileNotFoundError:
+                others[member] = None
+            except OSError as exc:
+                raise HostBindError(
+                    f"PCI device {addr}: cannot read {driver_link} (IOMMU group {name}): {exc.strerror or exc}"
+                ) from exc
+        return int(name), others
+
     # -- HostBinder -------------------------------------------------------------
 
     def driver(self, address: str) -> str | None:
         addr, path = self._device(address)
         return self._driver(addr, path)
 
+    def group_blockers(self, address: str) -> dict[str, str]:
+        """Other members of the function's IOMMU group whose driver keeps vfio from taking the group.
+
+        Maps each member's address to its driver; empty when the group is
+        viable (or the function has no IOMMU group).  What
+        :meth:`detach` checks before it changes anything.
+        """
+        addr, path = self._device(address)
+        return _blocking(self._group(addr, path)[1])
+
     def detach(self, address: str) -> None:
         """``driver_override`` = vfio-pci, unbind from the host driver, ``drivers_probe``.
+
+        First the IOMMU group: if another member is bound to a driver that
+        does DMA (:func:`leaves_dma_to_owner`), QEMU could not open the group,
+        so :class:`~kvmslots.errors.IommuGroupNotViable` is raised with the
+        function still on its own driver and nothing written.  The check is
+        not a lock: a driver binding a member afterwards makes QEMU refuse the
+        group instead (``device_add`` fails, and the hot add is undone).
 
         If the function does not end up bound to vfio-pci (vfio-pci not loaded,
         the device refuses), the override is cleared and the function probed
         again so the host driver gets it back, then :class:`HostBindError`.
         """
         addr, path = self._device(address)
+        group, others = self._group(addr, path)
+        blocking = _blocking(others)
+        if group is not None and blocking:
+            raise IommuGroupNotViable(str(addr), group, blocking)
         override = path / "driver_override"
         self._write(addr, override, VFIO_DRIVER)
         current = self._driver(addr, path)
@@ -152,6 +231,11 @@ class SysfsBinder:
                 f"PCI device {addr}: {path / 'driver'} still points to {VFIO_DRIVER} after "
                 f"unbinding and clearing {path / 'driver_override'}"
             )
+
+
+def _blocking(members: dict[str, str | None]) -> dict[str, str]:
+    """The members (address -> driver) whose driver keeps vfio from taking their IOMMU group."""
+    return {member: driver for member, driver in members.items() if driver and not leaves_dma_to_owner(driver)}
 
 
 class LibvirtBinder:

@@ -174,6 +174,17 @@ class PostgresBackend:
         log.warning("Reconnecting to the state database %s", self.location)
         return self._connect()
 
+    def identity(self) -> str:
+        """This database among all others: the cluster's system identifier, the database and the schema."""
+        try:
+            row = self._connection().execute(
+                "SELECT (SELECT system_identifier FROM pg_control_system()), current_database(), current_schema()"
+            ).fetchone()
+        except self._psycopg.Error as exc:
+            raise self._unavailable(exc) from None
+        assert row is not None
+        return f"postgresql:{row[0]}/{row[1]}/{row[2]}"
+
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()

@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import socket
 import sqlite3
 import stat
 import tempfile
@@ -58,6 +59,11 @@ class SQLiteBackend:
     ``durable=True`` makes it survive a power loss too, at the cost of an
     fsync per commit.
     """
+
+    def identity(self) -> str:
+        """This database among all others: the host and the file (device and inode, which a rename keeps)."""
+        info = os.stat(self.path)
+        return f"sqlite:{socket.gethostname()}:{info.st_dev}:{info.st_ino}"
 
     def __init__(self, state_dir: str | os.PathLike[str], *, timeout: float = 60.0, durable: bool = False) -> None:
         self.state_dir = Path(state_dir)
