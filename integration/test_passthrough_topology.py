@@ -284,19 +284,27 @@ def test_claims_follow_novas_numa_affinity_on_the_kernels_numa_nodes(
 
 
 NODE1_ROUND_TRIP = r"""
-# Only node 1's functions are handed out here (device_spec by address): the VF goes to vfio-pci
-# and into a QEMU inside the guest, and back.
+# Every NVMe VF is handed out; the VM's one NUMA cell is pinned to host node 1 and the flavor's
+# policy is 'required' (PassthroughSpec.numa_cells, as Nova's claim takes the instance's NUMA
+# topology): hot_add picks a VF on node 1, which goes to vfio-pci, into a QEMU inside the guest,
+# and back.  Pinned to node 0 (whose VFs have no node) the same request is refused first.
 store = Store(fresh_state("node1"))
 store.define_vm(VMSpec("vm1"))
-tracker = PciDevTracker(store, Whitelist.from_config([{**SPEC[0], "address": "0000:81:*"}]))
+tracker = PciDevTracker(store, Whitelist.from_config(SPEC))
 tracker.update_devices_from_hypervisor_resources(discover_sysfs())
 host = HostDevices(tracker, SysfsBinder())
-spec = PassthroughSpec(str(uuid.uuid4()), request())
+spec = PassthroughSpec(str(uuid.uuid4()), request(policy="required"), numa_cells=(1,))
+elsewhere = PassthroughSpec(str(uuid.uuid4()), request(policy="required"), numa_cells=(0,))
 with step("nested qemu start"):
     vm = TestVM(mode="qtest").start()
 
 async def main():
     async with Monitor(vm.qmp_path) as mon:
+        try:
+            await hot_add(store, mon, "vm1", elsewhere, host=host)
+        except KvmSlotsError as exc:
+            result["node0"] = [type(exc).__name__, str(exc), [d.qemu_id for d in store.devices("vm1")],
+                               sorted(a for a, (s, _) in statuses(tracker).items() if s == "claimed")]
         with step("hot_add"):
             device = await hot_add(store, mon, "vm1", spec, host=host)
         vf = device.props["host"]
@@ -322,6 +330,9 @@ def test_a_vf_on_node_1_goes_through_vfio_pci_into_a_qemu_and_back(
     numa_vm: TestVM, vfs: dict[str, list[str]], tmp_path: Path
 ) -> None:
     result = run_py(numa_vm, "2-node1-vfio", NODE1_ROUND_TRIP, tmp_path)
+    kind, message, stored, claimed = result["node0"]
+    assert kind == "PciDeviceRequestFailed" and "policy required, NUMA cells [0]" in message
+    assert stored == [] and claimed == []  # refused before any slot or host device was taken
     assert result["vf"] in vfs[PF1] and result["numa"] == 1
     assert result["bound"] == "vfio-pci" and result["dev_vfio"]
     assert ["00:04.0", result["qemu_id"]] in result["plugged"]

@@ -605,11 +605,23 @@ def cmd_host_claim(args: argparse.Namespace, store: Store, out: Output) -> int:
     # an alias may ask for any tag the operator's device_spec gave the tracked devices
     extra_tags = {name for device in tracker.all_devs for name in device.tags}
     aliases = parse_aliases(_read_json_file(args.aliases, "aliases file"), extra_tags=extra_tags)
-    requests = get_pci_requests_from_flavor({"extra_specs": {"pci_passthrough:alias": args.request}}, aliases)
-    claimed = tracker.claim_instance(args.vm, requests)
+    requests = get_pci_requests_from_flavor(
+        {"extra_specs": {"pci_passthrough:alias": args.request}}, aliases, args.numa_policy
+    )
+    claimed = tracker.claim_instance(args.vm, requests, numa_cells=_numa_nodes(args.numa_nodes))
     addresses = [d.address for d in claimed]
     out.emit(addresses, f"claimed for {args.vm}: {' '.join(addresses)}")
     return 0
+
+
+def _numa_nodes(text: str | None) -> list[int] | None:
+    """``--numa-nodes 0,1``: the host NUMA nodes of the VM's cells, distinct and non-negative."""
+    if text is None:
+        return None
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() for part in parts) or len(set(map(int, parts))) != len(parts):
+        raise UsageError(f"--numa-nodes must be distinct NUMA node numbers such as 0 or 0,1, got {text!r}")
+    return [int(part) for part in parts]
 
 
 def cmd_host_free(args: argparse.Namespace, store: Store, out: Output) -> int:
@@ -844,6 +856,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request", required=True, metavar='"alias:count[, alias:count]"',
                    help="the flavor's pci_passthrough:alias value")
     p.add_argument("--aliases", required=True, metavar="FILE", help="JSON list of Nova alias entries")
+    p.add_argument("--numa-nodes", metavar="N[,N...]", help="the host NUMA nodes the VM's cells are pinned to "
+                   "(its NUMA topology; default: none): the NUMA policy decides which devices may serve")
+    p.add_argument("--numa-policy", choices=("required", "legacy", "preferred", "socket"),
+                   help="the flavor's hw:pci_numa_affinity_policy (default: each alias's own)")
     p.set_defaults(func=cmd_host_claim)
     p = hsub.add_parser("free", help="free every host device of a VM")
     p.add_argument("vm", help="the instance (VM) whose host devices to free")

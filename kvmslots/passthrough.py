@@ -42,7 +42,11 @@ class PassthroughSpec:
 
     The request's ``count`` must be 1 (one guest device per host device);
     its ``request_id`` becomes the device UUID, so the tracker can always
-    tell which host device answers which guest device.
+    tell which host device answers which guest device.  ``numa_cells`` are
+    the host NUMA nodes the VM's cells are pinned to (Nova's instance NUMA
+    topology; None: the VM has none): the request's ``numa_policy``
+    (``required``, ``legacy``, ``preferred``, ``socket``) then decides which
+    host devices may serve, as in Nova's claim.
     """
 
     uuid: str
@@ -50,9 +54,19 @@ class PassthroughSpec:
     bus: str | None = None  # None: placed by machine type, as any device (a root port on q35)
     slot: int | None = None
     props: Mapping[str, PropValue] = field(default_factory=dict)
+    numa_cells: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "uuid", validate_uuid(self.uuid))
+        if self.numa_cells is not None:
+            cells = self.numa_cells
+            if isinstance(cells, (str, bytes)) or not all(
+                type(cell) is int and cell >= 0 for cell in cells
+            ) or not cells or len(set(cells)) != len(cells):  # fmt: skip
+                raise InvalidPciRequest(
+                    f"numa_cells must be distinct host NUMA node numbers (0, 1, ...), got {cells!r}"
+                )
+            object.__setattr__(self, "numa_cells", tuple(cells))
         if self.request.count != 1:
             raise InvalidPciRequest(
                 f"A passthrough device takes exactly one host device, the request asks for {self.request.count}"
@@ -77,8 +91,9 @@ class HostDevices:
     binder: HostBinder | None = None
 
     def claim(self, vm: str, spec: PassthroughSpec) -> PciDevice:
-        """Claim one host device for *spec* and bind it to vfio-pci; all or nothing."""
-        [device] = self.tracker.claim_instance(vm, [spec.request])
+        """Claim one host device for *spec* (on its NUMA cells' terms) and bind it to vfio-pci; all or nothing."""
+        cells = None if spec.numa_cells is None else list(spec.numa_cells)
+        [device] = self.tracker.claim_instance(vm, [spec.request], numa_cells=cells)
         if self.binder is not None:
             try:
                 self.binder.detach(device.address)

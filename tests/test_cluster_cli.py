@@ -504,3 +504,20 @@ def _one(kind: str) -> InstancePciRequest:
             "vf": {"vendor_id": "8086", "product_id": VF_PRODUCT, "dev_type": "type-VF"}}.get(
         kind, {"vendor_id": GPU[0], "product_id": kind})
     return InstancePciRequest(count=1, spec=[spec], request_id=str(uuid.uuid4()))
+
+
+def test_host_claim_follows_the_vms_numa_nodes_and_policy(cli: Cli) -> None:
+    cli.sync("alpha", *HOSTS["alpha"])  # GPUs 0x40, 0x41 on node 0; 0x42, 0x43 on node 1
+    claim = ("--host-name", "alpha", "host", "claim")
+    got = cli.json(*claim, "vm1", "--request", "GPU:2", "--aliases", str(cli.aliases), "--numa-nodes", "1",
+                   "--numa-policy", "required")
+    assert sorted(got) == ["0000:42:00.0", "0000:43:00.0"]
+    code, _, err = cli(*claim, "vm2", "--request", "GPU:1", "--aliases", str(cli.aliases), "--numa-nodes", "1",
+                       "--numa-policy", "required")
+    assert code == 1 and "PciDeviceRequestFailed" in err and "NUMA cells [1]" in err  # node 1 is used up
+    got = cli.json(*claim, "vm2", "--request", "GPU:1", "--aliases", str(cli.aliases), "--numa-nodes", "1",
+                   "--numa-policy", "preferred")
+    assert got[0] in ("0000:40:00.0", "0000:41:00.0")
+    for bad in ("x", "1,1", "-1", ""):
+        code, _, err = cli(*claim, "vm3", "--request", "GPU:1", "--aliases", str(cli.aliases), "--numa-nodes", bad)
+        assert code == 2 and "--numa-nodes" in err

@@ -176,6 +176,29 @@ def test_passthrough_specs_are_validated():
         run(hot_add(None, FakeQemu(), "vm1", gpu()))  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("cells", [(), (-1,), (1, 1), ("1",), (True,), "01"])
+def test_numa_cells_must_be_distinct_node_numbers(cells):
+    with pytest.raises(InvalidPciRequest, match="numa_cells"):
+        PassthroughSpec(dev_uuid(1), request("type-PCI"), numa_cells=cells)
+
+
+def test_hot_add_claims_on_the_vms_numa_cells_as_novas_policy_says(env):
+    store, tracker, hostdevs, binder = env  # plain devices: plain_addr(0) on node 0, plain_addr(1) on node 1
+    qemu = FakeQemu()
+    pinned = PassthroughSpec(dev_uuid(1), request("type-PCI", policy="required"), numa_cells=[1])
+    device = run(hot_add(store, qemu, "vm1", pinned, host=hostdevs))
+    assert device.props["host"] == plain_addr(1) and tracker.get_device(plain_addr(1)).numa_node == 1
+    # node 1 has no plain device left: 'required' refuses before any slot is taken, 'preferred' goes elsewhere
+    before = store.devices("vm1")
+    with pytest.raises(PciDeviceRequestFailed):
+        run(hot_add(store, qemu, "vm1", PassthroughSpec(dev_uuid(2), request("type-PCI", policy="required"),
+                                                        numa_cells=(1,)), host=hostdevs))
+    assert store.devices("vm1") == before and tracker.get_device(plain_addr(0)).status is PciStatus.AVAILABLE
+    other = run(hot_add(store, qemu, "vm1", PassthroughSpec(dev_uuid(3), request("type-PCI", policy="preferred"),
+                                                           numa_cells=(1,)), host=hostdevs))
+    assert other.props["host"] == plain_addr(0)
+
+
 class OrderCheckingBinder(RecordingBinder):
     """Asserts that a device is given back to the host while the tracker still holds it."""
 
