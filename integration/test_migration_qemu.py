@@ -26,6 +26,7 @@ from devices import pci_testdev, rng, run, uid
 
 from kvmslots import (
     ControllerKind,
+    DeviceAddFailed,
     DeviceGroup,
     DeviceSpec,
     DeviceState,
@@ -38,7 +39,7 @@ from kvmslots import (
     plan_boot,
     reconcile,
 )
-from kvmslots.errors import KvmSlotsError, MigrationIncomplete, MigrationRefused
+from kvmslots.errors import HotplugError, KvmSlotsError, MigrationIncomplete, MigrationRefused
 from kvmslots.hotplug.migrate import abort_incoming, confirm_incoming, outgoing, plan_incoming, release_outgoing
 from kvmslots.testvm import TestVM
 
@@ -361,3 +362,36 @@ def test_two_qemus_of_one_host_on_one_store_keep_the_records_through_the_migrati
                             assert not (await reconcile(store, tm, "vm1")).changed
 
             run(move())
+
+
+def test_while_qemu_migrates_hot_add_and_hot_del_are_refused_typed_and_change_nothing(tmp_path: Path) -> None:
+    """QEMU refuses device_add and device_del while a migration is active (the target could not know
+    of the change); kvmslots passes the refusal on as a typed error and keeps its records as they were."""
+    with Store(tmp_path / "state") as store:
+        plan = run(plan_boot(store, VMSpec("vm1"), [rng(1)]))
+        with TestVM(tmp_path / "a", mode="qtest", extra_args=plan.qemu_args) as a:
+
+            async def during() -> None:
+                async with Monitor(a.qmp_path) as mon:
+                    await reconcile(store, mon, "vm1")
+                    before = store.export_vm("vm1")
+                    # a migration held at its last step: it stays running until told to go on
+                    await mon.execute("migrate-set-capabilities", {"capabilities": [
+                        {"capability": "pause-before-switchover", "state": True}]})
+                    await mon.execute("migrate", {"uri": "exec:cat >/dev/null"})
+                    while (await mon.execute("query-migrate"))["status"] != "pre-switchover":
+                        await asyncio.sleep(0.02)
+                    with pytest.raises(DeviceAddFailed) as added:
+                        await hot_add(store, mon, "vm1", rng(2))
+                    assert "migrat" in (added.value.qemu_message or "") and added.value.left == {}
+                    with pytest.raises(HotplugError) as deleted:
+                        await hot_del(store, mon, "vm1", uid(1), timeout=UNPLUG_WAIT)
+                    assert "migrat" in (deleted.value.qemu_message or "") and deleted.value.vm == "vm1"
+                    assert store.export_vm("vm1") == before  # nothing recorded, nothing released
+                    await mon.execute("migrate_cancel")
+                    while (await mon.execute("query-migrate"))["status"] not in ("cancelled", "failed"):
+                        await asyncio.sleep(0.02)
+                    added_after = await hot_add(store, mon, "vm1", rng(2))  # idle again: accepted
+                    assert added_after.state is DeviceState.ATTACHED
+
+            run(during())

@@ -20,7 +20,7 @@ from kvmslots import (
     hot_del,
     reconcile,
 )
-from kvmslots.errors import DeviceExists, StateConflict, UnknownDevice
+from kvmslots.errors import DeviceExists, HotplugError, StateConflict, UnknownDevice
 
 
 def run(coro):
@@ -137,9 +137,24 @@ def test_hot_del_guest_refusal_keeps_the_device_attached(store):
     qemu = FakeQemu()
     device = run(hot_add(store, qemu, "vm1", spec(1)))
     qemu.guest_refuses = True
-    with pytest.raises(UnplugGuestError):
+    with pytest.raises(UnplugGuestError) as refused:
         run(hot_del(store, qemu, "vm1", device.uuid))
     assert states(store) == {device.qemu_id: "attached"}
+    facts = refused.value.facts()
+    assert (facts["vm"], facts["uuid"], facts["device_id"], facts["slot"]) == ("vm1", device.uuid, device.qemu_id, 4)
+
+
+def test_hot_del_qemu_refuses_says_which_device_and_keeps_it(store):
+    qemu = FakeQemu()
+    device = run(hot_add(store, qemu, "vm1", spec(1)))
+    qemu.refuse_del = "device_del not allowed while migrating"
+    with pytest.raises(HotplugError) as refused:
+        run(hot_del(store, qemu, "vm1", device.uuid))
+    assert states(store) == {device.qemu_id: "attached"}
+    error = refused.value
+    assert (error.vm, error.uuid, error.device_id, error.bus, error.slot, error.state) == (
+        "vm1", device.uuid, device.qemu_id, "pci.0", 4, "attached")
+    assert error.qemu_message == "device_del not allowed while migrating"
 
 
 def test_hot_del_of_a_device_qemu_lost_releases_it(store):

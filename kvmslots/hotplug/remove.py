@@ -135,10 +135,13 @@ async def _hot_del(store: Store, monitor: MonitorLike, vm: str, uuid: str, timeo
                 for device in group:
                     txn.set_state(vm, device.uuid, previous[device.uuid], unplug_requested=was_requested)
             raise HotplugError(
-                f"QEMU refused device_del of {first.qemu_id}: {exc.qemu_message}", exc.qemu_message
+                f"QEMU refused device_del of {first.qemu_id}: {exc.qemu_message}",
+                exc.qemu_message,
+                **{**first.facts(vm), "state": str(previous[first.uuid])},
             ) from exc
-    except UnplugGuestError:
+    except UnplugGuestError as exc:
         restore(store, vm, [d.uuid for d in group], DeviceState.ATTACHED)
+        exc.add_facts(**{**first.facts(vm), "state": str(DeviceState.ATTACHED)})
         raise
     if not deleted:
         return HotDelResult(HotDelStatus.PENDING, asked, tuple(group))
