@@ -74,6 +74,7 @@ class QemuCapabilities:
 
     @property
     def version_text(self) -> str:
+        """The version as dotted text (``7.2.0``), as messages show it."""
         return ".".join(map(str, self.version))
 
 

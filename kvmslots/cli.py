@@ -175,6 +175,8 @@ class Output:
         self.as_json = as_json
 
     def emit(self, data: Any, text: str | Callable[[], str]) -> None:
+        """Print *data* as one line of JSON when ``as_json`` (``--json``), else *text*; a callable *text* is
+        called only when people read the output."""
         if self.as_json:
             print(json.dumps(data, indent=None, sort_keys=False))
         else:
@@ -185,6 +187,12 @@ class Output:
 
 
 def cmd_plan(args: argparse.Namespace, store: Store, out: Output) -> int:
+    """``kvmslots plan VM --device ...``: plan the boot devices and print one shell-quoted ``-device``
+    argument per line.
+
+    The ``--device`` list is the VM's whole device set, so planning a VM that has stored devices without any
+    ``--device`` is bad usage (exit 2) rather than dropping them all.
+    """
     units = _group_devices([_parse_device(text) for text in args.device], args.group)
     vm: VMSpec | str = args.vm
     old = store.get_vm(args.vm) if store.has_vm(args.vm) else None
@@ -223,6 +231,8 @@ def cmd_plan(args: argparse.Namespace, store: Store, out: Output) -> int:
 
 
 def cmd_attach(args: argparse.Namespace, store: Store, out: Output) -> int:
+    """``kvmslots attach VM --qmp SOCKET``: hot-plug one device, several (``--device``, all or nothing) or one
+    multifunction slot (``--same-slot``), and print where each one landed."""
     if args.device:
         if args.type or args.uuid or args.driver or args.prop:
             raise UsageError("give either --device (repeatable) or --type/--uuid/--driver/--prop, not both")
@@ -255,6 +265,9 @@ def cmd_attach(args: argparse.Namespace, store: Store, out: Output) -> int:
 
 
 def cmd_detach(args: argparse.Namespace, store: Store, out: Output) -> int:
+    """``kvmslots detach VM --uuid UUID --qmp SOCKET``: hot-unplug a device with its whole slot; a guest that
+    has not ejected it within ``--timeout`` is still exit 0, printed as ``pending`` (the slot stays taken
+    until reconcile sees the device gone)."""
     host = _host_devices(args, store)
     result = _with_monitor(
         args, lambda mon: hotplug.hot_del(store, mon, args.vm, args.uuid, timeout=args.timeout, host=host)
@@ -276,6 +289,8 @@ def cmd_detach(args: argparse.Namespace, store: Store, out: Output) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace, store: Store, out: Output) -> int:
+    """``kvmslots reconcile VM --qmp SOCKET``: repair the records against QEMU and print the report, one line
+    per list (``-`` for an empty one)."""
     host = _host_devices(args, store)
     report = _with_monitor(args, lambda mon: hotplug.reconcile(store, mon, args.vm, host=host))
     data = report.to_json()
@@ -289,6 +304,8 @@ def cmd_reconcile(args: argparse.Namespace, store: Store, out: Output) -> int:
 
 
 def cmd_adopt(args: argparse.Namespace, store: Store, out: Output) -> int:
+    """``kvmslots adopt VM --qmp SOCKET``: record a running VM kvmslots did not start; for a VM already stored
+    nothing is written and its differences from QEMU are printed instead."""
     from .hotplug.adopt import adopt, parse_uuids
 
     uuids = parse_uuids(_read_json_file(args.uuids, "UUID list")) if args.uuids else {}
@@ -309,6 +326,8 @@ def cmd_adopt(args: argparse.Namespace, store: Store, out: Output) -> int:
 
 
 def cmd_show(args: argparse.Namespace, store: Store, out: Output) -> int:
+    """``kvmslots show VM``: draw the slot map and list the devices; QEMU is asked only with ``--qmp``
+    (without it, devices kvmslots did not place are not shown)."""
     vm = store.get_vm(args.vm)
     devices = store.devices(args.vm)
     controllers = store.controllers(args.vm)
@@ -381,12 +400,16 @@ def slot_states(
 
 
 def cmd_delete(args: argparse.Namespace, store: Store, out: Output) -> int:
+    """``kvmslots delete VM``: forget the VM's slots, ports and bridges (its host devices stay claimed until
+    ``host free``)."""
     store.delete_vm(args.vm)
     out.emit({"vm": args.vm, "deleted": True}, f"deleted the state of {args.vm} (its slots, ports and bridges)")
     return 0
 
 
 def cmd_export(args: argparse.Namespace, store: Store, out: Output) -> int:
+    """``kvmslots export VM``: the VM's state document on standard output, or written 0600 to ``--output``
+    with a one-line report."""
     _put_document(args, out, store.export_vm(args.vm), {}, f"exported {args.vm} to {args.output}")
     return 0
 
@@ -402,6 +425,8 @@ def _put_document(args: argparse.Namespace, out: Output, document: Any, facts: d
 
 
 def cmd_import(args: argparse.Namespace, store: Store, out: Output) -> int:
+    """``kvmslots import FILE``: load an exported document (``-`` reads stdin), checked whole before anything
+    is written; with ``--ganeti-runtime FILE VM``, take over a Ganeti instance instead."""
     if args.ganeti_runtime is not None:
         from .ganeti import cmd_import_ganeti
 
@@ -419,6 +444,8 @@ def cmd_import(args: argparse.Namespace, store: Store, out: Output) -> int:
 
 
 def cmd_migrate_export(args: argparse.Namespace, store: Store, out: Output) -> int:
+    """``kvmslots migrate export VM --qmp SOCKET``: on the source, the migration document, on standard output
+    or written 0600 to ``--output``."""
     from .hotplug import migrate
 
     document = _with_monitor(args, lambda mon: migrate.outgoing(store, mon, args.vm))
@@ -429,6 +456,8 @@ def cmd_migrate_export(args: argparse.Namespace, store: Store, out: Output) -> i
 
 
 def cmd_migrate_plan(args: argparse.Namespace, store: Store, out: Output) -> int:
+    """``kvmslots migrate plan FILE``: on the target, record the incoming VM and print its ``-device`` and
+    ``-incoming`` arguments; devices kvmslots did not place are warned about on stderr."""
     from .hotplug import migrate
 
     plan = migrate.plan_incoming(store, _read_json_file(args.file, "migration document"), incoming=args.incoming)
@@ -452,6 +481,8 @@ def cmd_migrate_plan(args: argparse.Namespace, store: Store, out: Output) -> int
 
 
 def cmd_migrate_confirm(args: argparse.Namespace, store: Store, out: Output) -> int:
+    """``kvmslots migrate confirm FILE --qmp SOCKET``: on the target, after the migration, check the devices
+    in QEMU and print (or write to ``--output``) the confirmation the source releases on."""
     from .hotplug import migrate
 
     document = _read_json_file(args.file, "migration document")
@@ -463,6 +494,8 @@ def cmd_migrate_confirm(args: argparse.Namespace, store: Store, out: Output) -> 
 
 
 def cmd_migrate_abort(args: argparse.Namespace, store: Store, out: Output) -> int:
+    """``kvmslots migrate abort FILE``: on the target, after a failed migration, drop the incoming records and
+    print the ids dropped."""
     from .hotplug import migrate
 
     document = _read_json_file(args.file, "migration document")
@@ -474,6 +507,8 @@ def cmd_migrate_abort(args: argparse.Namespace, store: Store, out: Output) -> in
 
 
 def cmd_migrate_release(args: argparse.Namespace, store: Store, out: Output) -> int:
+    """``kvmslots migrate release FILE --confirmation FILE --qmp SOCKET``: on the source, forget the VM's
+    records once the target's confirmation and QEMU's migration status check out."""
     from .hotplug import migrate
 
     document = _read_json_file(args.file, "migration document")
@@ -528,6 +563,12 @@ def _stored_device_spec(store: Store, host: str) -> Any | None:
 
 
 def cmd_host_sync(args: argparse.Namespace, store: Store, out: Output) -> int:
+    """``kvmslots host sync``: sync this host's tracker from sysfs, libvirt or a device list and print what
+    was added, updated, removed and kept.
+
+    The device spec is ``--device-spec`` (then stored for later syncs) or the one stored last; no spec at all
+    is bad usage (exit 2).
+    """
     from .pci import discovery
 
     host = _host_name(args, store)
@@ -551,6 +592,8 @@ def cmd_host_sync(args: argparse.Namespace, store: Store, out: Output) -> int:
 
 
 def cmd_host_devices(args: argparse.Namespace, store: Store, out: Output) -> int:
+    """``kvmslots host devices``: list this host's tracked devices (only those in ``--status``, if given; an
+    unknown status is bad usage, exit 2)."""
     from .pci.device import PciStatus
 
     if args.status is not None and args.status not in {s.value for s in PciStatus}:
@@ -578,6 +621,7 @@ def cmd_host_devices(args: argparse.Namespace, store: Store, out: Output) -> int
 
 
 def cmd_host_pools(args: argparse.Namespace, store: Store, out: Output) -> int:
+    """``kvmslots host pools``: list this host's pools of free devices with their counts."""
     rows = [
         {"vendor_id": p.vendor_id, "product_id": p.product_id, "numa_node": p.numa_node, "dev_type": p.dev_type,
          "tags": dict(p.tags), "count": p.count}
@@ -599,6 +643,8 @@ def _pool_line(row: dict[str, Any]) -> str:
 
 
 def cmd_host_claim(args: argparse.Namespace, store: Store, out: Output) -> int:
+    """``kvmslots host claim VM --request ... --aliases FILE``: claim host devices for the VM, all or nothing,
+    and print their addresses."""
     from .pci.request import get_pci_requests_from_flavor, parse_aliases
 
     tracker = _tracker(args, store)
@@ -625,6 +671,8 @@ def _numa_nodes(text: str | None) -> list[int] | None:
 
 
 def cmd_host_free(args: argparse.Namespace, store: Store, out: Output) -> int:
+    """``kvmslots host free VM``: free every host device the VM holds, claimed or allocated, and print their
+    addresses (``nothing`` when it held none: still exit 0)."""
     tracker = _tracker(args, store)
     addresses = [d.address for d in tracker.get_instance_pci_devs(args.vm, "all")]
     tracker.free_instance(args.vm)
@@ -638,6 +686,8 @@ def _pool_row(pool: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_cluster_pools(args: argparse.Namespace, store: Store, out: Output) -> int:
+    """``kvmslots cluster pools``: every host's pools of free devices (or only the ``--host`` ones), from one
+    consistent read; a host without free devices shows one empty row."""
     from .cluster import cluster_pools
 
     hosts = cluster_pools(store, args.host)
@@ -656,6 +706,8 @@ def cmd_cluster_pools(args: argparse.Namespace, store: Store, out: Output) -> in
 
 
 def cmd_cluster_hosts(args: argparse.Namespace, store: Store, out: Output) -> int:
+    """``kvmslots cluster hosts --request ... --aliases FILE``: the hosts whose free devices could meet the
+    request, by counts (the host's own claim still decides); when none fits it says so (exit 0)."""
     from .cluster import cluster_pools, fitting_hosts
     from .pci.request import get_pci_requests_from_flavor, parse_aliases
 
@@ -683,6 +735,8 @@ def cmd_cluster_hosts(args: argparse.Namespace, store: Store, out: Output) -> in
 
 
 def cmd_cluster_forget(args: argparse.Namespace, store: Store, out: Output) -> int:
+    """``kvmslots cluster forget HOST``: remove a host that is gone, with its devices, from the inventory; an
+    unknown host fails (exit 1)."""
     from .cluster import forget_host
 
     gone = forget_host(store, args.host)
@@ -691,6 +745,8 @@ def cmd_cluster_forget(args: argparse.Namespace, store: Store, out: Output) -> i
 
 
 def cmd_demo(args: argparse.Namespace, store: Store | None, out: Output) -> int:
+    """``kvmslots demo``: run :func:`kvmslots.demo.run_demo` in the state directory given (``--state`` or the
+    environment) or a new temporary one; *store* is unused (the demo opens its own)."""
     from .demo import run_demo
 
     return run_demo(args.state_given, as_json=out.as_json)
@@ -700,6 +756,8 @@ def cmd_demo(args: argparse.Namespace, store: Store | None, out: Output) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``kvmslots`` argument parser with every command and option (the CLI reference is generated from
+    it).  Bad usage raises instead of exiting, so that :func:`main` reports it as text or JSON."""
     parser = _Parser(prog="kvmslots", description="Stable PCI slots, device ids and safe hotplug for QEMU/KVM VMs.")
     parser.add_argument("--state", metavar="DIR|URL", help="where the state lives: a directory for this host's "
                         "SQLite file (created 0700), or a postgresql:// URL of a database many hosts share "

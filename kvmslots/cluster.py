@@ -49,6 +49,8 @@ class HostPools:
     stats: PciDeviceStats = field(repr=False)
 
     def to_json(self) -> dict[str, Any]:
+        """The host's counts and its pools as Nova's ``pci_device_pools`` entries (tags flattened into each
+        entry); ``devices`` and ``free`` are None when they were not counted."""
         return {
             "host": self.host.name,
             "devices": self.host.devices,
@@ -72,6 +74,7 @@ class HostFit:
     free: int
 
     def to_json(self) -> dict[str, Any]:
+        """The fit as ``cluster hosts --json`` prints it (``numa_cells`` a list, or None)."""
         return {"host": self.host, "numa_cells": None if self.numa_cells is None else list(self.numa_cells),
                 "free": self.free}
 

@@ -81,6 +81,12 @@ def _new() -> str:
 
 
 def run_demo(state_dir: str | None = None, *, as_json: bool = False) -> int:
+    """Run the demo: 0 when every step worked, 1 (the failure on stderr) when a kvmslots error stopped it.
+
+    The state goes to *state_dir*, or to a new temporary directory when it is None, and stays there.
+    *as_json* prints one JSON object at the end (the state directory and every step with its time) instead of
+    the running commentary.  Needs QEMU and the test guest (:mod:`kvmslots.testvm`).
+    """
     from .passthrough import HostDevices, PassthroughSpec
     from .pci.devspec import Whitelist
     from .pci.fakehost import sriov_topology
@@ -280,6 +286,7 @@ def _migrate_q35(store: Store, source: TestVM) -> TestVM:
 
 
 def main() -> int:
+    """``python3 -m kvmslots.demo``: the demo in a new temporary state directory; its exit status."""
     return run_demo()
 
 

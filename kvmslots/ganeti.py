@@ -148,6 +148,7 @@ class GanetiDevice:
 
     @property
     def dev_type(self) -> str:
+        """The kvmslots device type: Ganeti's hotplug target, the same as ``kind``."""
         return self.kind
 
     @property
@@ -166,6 +167,7 @@ class GanetiDevice:
         )
 
     def to_json(self) -> dict[str, Any]:
+        """The device as ``import --ganeti-runtime --json`` shows it; ``id`` is the id QEMU knows it by."""
         return {
             "kind": self.kind, "index": self.index, "uuid": self.uuid, "driver": self.driver, "bus": self.bus,
             "slot": self.slot, "function": self.function, "id": self.qemu_id, "props": dict(self.props),
@@ -184,6 +186,8 @@ class SkippedDevice:
     booked: int | None = None
 
     def to_json(self) -> dict[str, Any]:
+        """The skipped device and why, as ``import --ganeti-runtime --json`` shows it (``uuid`` and ``booked``
+        may be None)."""
         return {"kind": self.kind, "index": self.index, "uuid": self.uuid, "reason": self.reason,
                 "booked": self.booked}
 
@@ -220,12 +224,16 @@ class GanetiRuntime:
     notes: tuple[str, ...] = ()
 
     def device(self, kind: str, index: int) -> GanetiDevice | None:
+        """The *index*-th NIC or disk (*kind* ``nic`` or ``disk``), if Ganeti placed it on a PCI slot; None
+        when it was skipped or there is no such device."""
         for dev in self.devices:
             if dev.kind == kind and dev.index == index:
                 return dev
         return None
 
     def to_json(self) -> dict[str, Any]:
+        """What was read, as ``import --ganeti-runtime --json`` prints it: the VM, its devices, the skipped
+        ones and how the mask was made (slot keys as text); not the raw command line, hvparams, NICs or disks."""
         return {
             "source": self.source,
             "layout": self.layout,

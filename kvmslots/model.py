@@ -89,10 +89,13 @@ class Machine(str, enum.Enum):
 
     @property
     def root_bus(self) -> str:
+        """The family's root bus: ``pci.0`` (i440FX) or ``pcie.0`` (q35)."""
         return ROOT_BUS if self is Machine.I440FX else PCIE_ROOT_BUS
 
     @property
     def default_mask(self) -> str:
+        """The root-bus mask of the family's built-in devices (``pc``: slots 0-3; ``q35``: 0, 1 and 0x1f),
+        used when a VM gives none."""
         return DEFAULT_PCI_RESERVATIONS if self is Machine.I440FX else Q35_RESERVATIONS
 
 
@@ -255,6 +258,7 @@ class Device:
         multifunction: bool = False,
         given_id: str | None = None,
     ) -> "Device":
+        """The record of *spec* placed at *bus*, *slot* and *function* in *state* (its props copied)."""
         return cls(
             spec.uuid, spec.dev_type, spec.driver, dict(spec.props), bus, slot, state, function, multifunction, given_id
         )
@@ -283,6 +287,7 @@ class Device:
                 "state": self.state.value}
 
     def with_state(self, state: DeviceState) -> "Device":
+        """A copy in *state*; the stored record changes only through ``set_state``."""
         return replace(self, state=state)
 
     def qmp_arguments(self) -> dict[str, Any]:
@@ -302,6 +307,8 @@ class Device:
         return ",".join(parts)
 
     def to_json(self) -> dict[str, Any]:
+        """The record as an export document holds it, with ``id`` (as QEMU knows it) and ``id_given`` (whether
+        another manager gave that id)."""
         return {
             "uuid": self.uuid,
             "type": self.dev_type,
@@ -364,19 +371,27 @@ class Controller:
 
     @classmethod
     def port(cls, chassis: int, slot: int, function: int) -> "Controller":
+        """The ``pcie-root-port`` numbered *chassis* at *slot* and *function* of ``pcie.0``, with id (and bus
+        name) ``pcie-port-<chassis>``."""
         return cls(f"pcie-port-{chassis}", ControllerKind.PCIE_ROOT_PORT, PCIE_ROOT_BUS, slot, function, chassis)
 
     @classmethod
     def bridge(cls, chassis: int, bus: str, slot: int) -> "Controller":
+        """The ``pci-bridge`` numbered *chassis* at *slot* of *bus*, with id (and bus name)
+        ``pci-bridge-<chassis>``."""
         return cls(f"pci-bridge-{chassis}", ControllerKind.PCI_BRIDGE, bus, slot, 0, chassis)
 
     @property
     def addr(self) -> str:
+        """The ``addr`` QEMU takes: ``0x2.3`` for a root port (eight ports share a slot as functions),
+        ``0x1f`` for a bridge."""
         if self.kind is ControllerKind.PCIE_ROOT_PORT:
             return f"{self.slot:#x}.{self.function}"
         return f"{self.slot:#x}"
 
     def qmp_arguments(self) -> dict[str, Any]:
+        """``device_add`` arguments as QMP JSON, with the chassis number; a root port at function 0 also gets
+        ``multifunction``, so that up to eight ports share its slot."""
         args: dict[str, Any] = {"driver": self.kind.value, "id": self.id, "bus": self.bus, "addr": self.addr}
         if self.kind is ControllerKind.PCIE_ROOT_PORT:
             if self.function == 0:
@@ -387,12 +402,14 @@ class Controller:
         return args
 
     def device_option(self) -> str:
+        """The value of a ``-device`` command-line option for this controller."""
         args = self.qmp_arguments()
         parts = [str(args.pop("driver"))]
         parts += [f"{key}={qemu_option_value(value)}" for key, value in args.items()]
         return ",".join(parts)
 
     def to_json(self) -> dict[str, Any]:
+        """The controller as an export document holds it."""
         return {
             "id": self.id,
             "kind": self.kind.value,
@@ -461,6 +478,7 @@ class VMSpec:
 
     @property
     def family(self) -> Machine:
+        """The family of ``machine``, which decides the root bus and how devices are placed."""
         return machine_family(self.machine)
 
     @property
@@ -475,6 +493,7 @@ class VMSpec:
         return self.bus_masks.get(bus, BRIDGE_RESERVATIONS)
 
     def to_json(self) -> dict[str, Any]:
+        """The VM as an export document holds it (``reserve_slots`` is already folded into ``mask``)."""
         return {
             "name": self.name,
             "machine": self.machine,

@@ -133,9 +133,15 @@ def command_timeout_from_env() -> float:
 class MonitorLike(Protocol):
     """What the orchestration needs from a monitor (a fake for fault injection implements this)."""
 
-    async def pci(self, *, placement_only: bool = False) -> PciOccupancy: ...
+    async def pci(self, *, placement_only: bool = False) -> PciOccupancy:
+        """The live PCI view.  Without *placement_only*, its ``peripherals`` must hold the id of every device
+        QEMU has, so that a device missing from the buses is never taken for removed; with it, the buses alone
+        (enough to choose or verify a slot)."""
+        ...
 
-    async def device_add(self, arguments: Mapping[str, Any]) -> None: ...
+    async def device_add(self, arguments: Mapping[str, Any]) -> None:
+        """Send ``device_add``; QEMU's refusal must raise :class:`QemuCommandError` with its message."""
+        ...
 
     async def device_del(
         self,
@@ -144,7 +150,11 @@ class MonitorLike(Protocol):
         on_sent: Callable[[bool], None] | None = None,
         *,
         also: Collection[str] = (),
-    ) -> bool: ...
+    ) -> bool:
+        """Send ``device_del`` for *qdev_id* and wait up to *timeout* seconds for its ``DEVICE_DELETED`` (and
+        those of *also*): True once they all arrived, False when the time ran out.  *on_sent* must be called
+        as soon as QEMU has the request; :meth:`Monitor.device_del` is the reference."""
+        ...
 
 
 # Optional features: :class:`Monitor` has them all; a stand-in (the fault-injecting fakes of the
@@ -155,7 +165,9 @@ class MonitorLike(Protocol):
 class RunsQmp(Protocol):
     """A monitor that runs any QMP command (capability probes, ``qom-get``)."""
 
-    async def execute(self, command: str, arguments: Mapping[str, Any] | None = None) -> Any: ...
+    async def execute(self, command: str, arguments: Mapping[str, Any] | None = None) -> Any:
+        """Run one QMP command and return QEMU's answer; its refusal is :class:`QemuCommandError`."""
+        ...
 
 
 @runtime_checkable
@@ -163,7 +175,9 @@ class GreetsWithVersion(Protocol):
     """A monitor that knows QEMU's version from the QMP greeting (None: the greeting had none)."""
 
     @property
-    def greeting_version(self) -> tuple[int, int, int] | None: ...
+    def greeting_version(self) -> tuple[int, int, int] | None:
+        """QEMU's (major, minor, micro) from the greeting, or None."""
+        ...
 
 
 @runtime_checkable
@@ -181,21 +195,29 @@ class KeepsConnectionFacts(Protocol):
 class Reconnects(Protocol):
     """A monitor that can connect again after its connection was lost."""
 
-    async def reconnect(self) -> None: ...
+    async def reconnect(self) -> None:
+        """Connect again after the connection was lost; what was learnt about the old one is dropped."""
+        ...
 
 
 @runtime_checkable
 class TypesProperties(Protocol):
     """A monitor that tells a device model's property types (``device-list-properties``)."""
 
-    async def property_types(self, driver: str) -> dict[str, str]: ...
+    async def property_types(self, driver: str) -> dict[str, str]:
+        """``{property: QEMU type}`` of device model *driver*; a model QEMU does not know is
+        :class:`QemuCommandError`."""
+        ...
 
 
 @runtime_checkable
 class AddsAndViews(Protocol):
     """A monitor that pipelines ``device_add`` with the placement view that follows it."""
 
-    async def device_add_and_view(self, arguments: Mapping[str, Any]) -> PciOccupancy: ...
+    async def device_add_and_view(self, arguments: Mapping[str, Any]) -> PciOccupancy:
+        """``device_add``, then the placement view that already shows it.  device_add's error is raised as
+        such; a view refused after a successful add must be a :class:`MonitorError`, never a refused add."""
+        ...
 
 
 class Monitor:
@@ -313,6 +335,7 @@ class Monitor:
 
     @property
     def connected(self) -> bool:
+        """Is the connection up (handshake done, not closed since)?"""
         return self._qmp.runstate is Runstate.RUNNING
 
     def _lost(self, during: str, cause: object = None) -> MonitorConnectionLost:
@@ -366,9 +389,12 @@ class Monitor:
         return None
 
     async def query_pci(self) -> PciOccupancy:
+        """The view from ``query-pci`` alone, without the fallback or the device ids; :meth:`pci` is what
+        callers normally want."""
         return parse_query_pci(await self.execute("query-pci"))
 
     async def info_pci(self) -> PciOccupancy:
+        """The view parsed from HMP ``info pci``, the fallback for QEMUs without ``query-pci``."""
         text = await self.execute("human-monitor-command", {"command-line": "info pci"})
         return parse_info_pci(text)
 
@@ -421,6 +447,8 @@ class Monitor:
         return [c["name"] for c in children if str(c.get("type", "")).startswith("child<")]
 
     async def device_add(self, arguments: Mapping[str, Any]) -> None:
+        """Send ``device_add`` with *arguments* (QMP JSON).  QEMU's refusal is :class:`QemuCommandError` with
+        its message; nothing waits for the guest."""
         await self.execute("device_add", arguments)
 
     async def property_types(self, driver: str) -> dict[str, str]:

@@ -103,6 +103,8 @@ class HostDevices:
         return device
 
     def allocate(self, vm: str, host_address: str) -> None:
+        """Turn *vm*'s claim on the host device at *host_address* into an allocation (once QEMU has the
+        device); the tracker refuses, with a :class:`PciError`, a device another VM holds."""
         self.tracker.allocate_device(host_address, vm)
 
     def release(self, vm: str, host_address: str) -> None:
@@ -173,4 +175,5 @@ def holds_host_device(device: Device, host_address: str) -> bool:
 
 
 def is_passthrough(device: Device) -> bool:
+    """Is *device* a passthrough guest device (``vfio-pci`` with a ``host`` address the tracker holds)?"""
     return device.driver == PASSTHROUGH_DRIVER and isinstance(device.props.get("host"), str)

@@ -45,6 +45,7 @@ class PciFunction:
 
     @property
     def address(self) -> str:
+        """``bb:ss.f`` in hex, without a domain, as ``lspci`` in the guest shows it."""
         return f"{self.bus:02x}:{self.slot:02x}.{self.function}"
 
 
@@ -61,6 +62,7 @@ class PciOccupancy(dict[int, set[int]]):
             self.add(function)
 
     def add(self, function: PciFunction) -> None:
+        """Record one more function QEMU reports; its slot becomes occupied on its bus."""
         self.functions.append(function)
         self.setdefault(function.bus, set()).add(function.slot)
 

@@ -95,6 +95,7 @@ class Store:
         return self._identity
 
     def close(self) -> None:
+        """Close the backend's connection; the store is not used afterwards (a ``with`` block does this)."""
         self.backend.close()
 
     def __enter__(self) -> "Store":
@@ -143,29 +144,37 @@ class Store:
         return vm
 
     def get_vm(self, name: str) -> VMSpec:
+        """The stored VM; :class:`UnknownVM` when there is none."""
         with self.reading() as txn:
             return txn.get_vm(name)
 
     def has_vm(self, name: str) -> bool:
+        """Is a VM of that name stored?"""
         with self.reading() as txn:
             return txn.has_vm(name)
 
     def vms(self) -> list[str]:
+        """Every stored VM's name, sorted."""
         with self.reading() as txn:
             return txn.vm_names()
 
     def delete_vm(self, name: str) -> None:
+        """Forget a VM's slots, ports and bridges, under its VM lock; :class:`UnknownVM` when it is not
+        stored.  Its host devices stay claimed until the tracker frees them."""
         with self.vm_lock_sync(name), self.transaction() as txn:
             if not txn.has_vm(name):
                 raise UnknownVM(name)
             txn.delete_vm(name)
 
     def devices(self, vm: str) -> list[Device]:
+        """The VM's device records by bus, slot and function, whatever their state; :class:`UnknownVM` when it
+        is not stored."""
         with self.reading() as txn:
             txn.get_vm(vm)
             return txn.devices(vm)
 
     def get_device(self, vm: str, uuid: str) -> Device:
+        """One device's record; :class:`UnknownDevice` when the VM has no such device."""
         with self.reading() as txn:
             return txn.get_device(vm, uuid)
 

@@ -77,6 +77,7 @@ class SlotManager:
         return tracker
 
     def close(self) -> None:
+        """Close the store; the manager is not used afterwards (a ``with`` block does this)."""
         self.store.close()
 
     def __enter__(self) -> "SlotManager":
@@ -86,16 +87,21 @@ class SlotManager:
         self.close()
 
     def define_vm(self, vm: VMSpec) -> VMSpec:
+        """Create or update a VM (:meth:`Store.define_vm`): a new mask must not mask a slot in use."""
         return self.store.define_vm(vm)
 
     def plan_boot(
         self, vm: VMSpec | str, devices: Sequence[DeviceSpec | DeviceGroup | PassthroughSpec]
     ) -> hotplug.BootPlan:
+        """:func:`~kvmslots.hotplug.plan_boot`: place and persist the VM's whole boot device set and return
+        the QEMU arguments; passthrough devices need :meth:`use_host_devices` first."""
         return asyncio.run(hotplug.plan_boot(self.store, vm, devices, host=self.host))
 
     def hot_add(
         self, vm: str, device: DeviceSpec | PassthroughSpec, *, qmp: str | os.PathLike[str], undo_timeout: float = 5.0
     ) -> Device:
+        """:func:`~kvmslots.hotplug.hot_add` over a QMP connection of its own: one device, all or nothing
+        (:class:`DeviceAddFailed` when it failed); a passthrough device needs :meth:`use_host_devices` first."""
         return self._with_monitor(
             qmp, lambda mon: hotplug.hot_add(self.store, mon, vm, device, host=self.host, undo_timeout=undo_timeout)
         )
@@ -124,11 +130,15 @@ class SlotManager:
     def hot_del(
         self, vm: str, device_uuid: str, *, qmp: str | os.PathLike[str], timeout: float = 5.0
     ) -> hotplug.HotDelResult:
+        """:func:`~kvmslots.hotplug.hot_del`: unplug a device with its whole slot; ``pending`` when the guest
+        has not ejected it within *timeout* seconds."""
         return self._with_monitor(
             qmp, lambda mon: hotplug.hot_del(self.store, mon, vm, device_uuid, timeout=timeout, host=self.host)
         )
 
     def reconcile(self, vm: str, *, qmp: str | os.PathLike[str]) -> hotplug.ReconcileReport:
+        """:func:`~kvmslots.hotplug.reconcile`: repair the VM's records against QEMU's live view and report
+        what was found and changed."""
         return self._with_monitor(qmp, lambda mon: hotplug.reconcile(self.store, mon, vm, host=self.host))
 
     # -- live migration (see kvmslots.hotplug.migrate for the order of the steps) ------------

@@ -67,6 +67,8 @@ FUNCTIONS = MAX_FUNCTION + 1
 
 
 class BusKind(str, enum.Enum):
+    """The kinds of bus a topology has; the module docstring's table says what each offers."""
+
     PCI_ROOT = "pci-root"
     PCIE_ROOT = "pcie-root"
     PCI_BRIDGE = "pci-bridge"
@@ -97,6 +99,8 @@ class Bus:
     functions: dict[int, dict[int, str]] = field(default_factory=dict)
 
     def holder(self, slot: int) -> str | None:
+        """Who holds *slot* (the holder of its lowest function: a QEMU id, or QEMU's description of a device
+        without one); None when none of its functions is held (a masked slot has no holder)."""
         held = self.functions.get(slot)
         return None if not held else held[min(held)]
 
@@ -106,17 +110,22 @@ class Bus:
         self.functions.setdefault(slot, {}).setdefault(function, holder)
 
     def free_functions(self, slot: int) -> list[int]:
+        """The functions of *slot* nobody holds, lowest first."""
         held = self.functions.get(slot, {})
         return [f for f in range(FUNCTIONS) if f not in held]
 
     def free_slots(self) -> list[int]:
+        """The slots neither masked nor held, lowest first."""
         return [s for s in range(NUM_SLOTS) if self.slots.is_free(s)]
 
     @property
     def is_port(self) -> bool:
+        """Is this the bus below a ``pcie-root-port`` (where only slot 0 exists)?"""
         return self.kind is BusKind.PCIE_ROOT_PORT
 
     def check_hotplug(self, vm: str | None = None) -> None:
+        """Raise :class:`BusNotHotpluggable` (naming *vm*) saying why hot add must not use this bus, if it
+        must not."""
         if self.no_hotplug is not None:
             raise BusNotHotpluggable(self.name, self.no_hotplug, vm=vm)
 
@@ -154,6 +163,7 @@ class Topology:
     # -- structure -------------------------------------------------------------------------
     @property
     def root(self) -> Bus:
+        """The root bus: ``pci.0`` on ``pc``, ``pcie.0`` on ``q35``."""
         return self.buses[self.vm.root_bus]
 
     def _attach(self, controller: Controller) -> Bus:
@@ -192,9 +202,13 @@ class Topology:
         return found
 
     def ports(self) -> list[Bus]:
+        """The ``pcie-root-port`` buses kvmslots planned (not ports only QEMU shows), by chassis number,
+        parents first."""
         return [b for b in self.buses.values() if b.is_port and b.controller is not None]
 
     def bridges(self) -> list[Bus]:
+        """The ``pci-bridge`` buses kvmslots planned (not a caller's own bridges, nor those only QEMU shows),
+        parents first."""
         return [b for b in self.buses.values() if b.kind is BusKind.PCI_BRIDGE and b.controller is not None]
 
     def _next_chassis(self) -> int:
@@ -247,6 +261,8 @@ class Topology:
             self.buses[bus].no_hotplug = reason
 
     def number(self, bus: str) -> int | None:
+        """The bus number QEMU gave *bus* (0 for a bridge not numbered yet), known once :meth:`occupy_live`
+        ran; None before, and for a bus QEMU does not show or the topology lacks."""
         found = self.buses.get(bus)
         return None if found is None else found.number
 

@@ -61,6 +61,7 @@ class AdoptReport:
     differences: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
+        """The report as ``adopt --json`` prints it: every field, the lists as recorded."""
         return {
             "vm": self.vm, "machine": self.machine, "created": self.created, "devices": self.devices,
             "controllers": self.controllers, "foreign": self.foreign, "differences": self.differences,

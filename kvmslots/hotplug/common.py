@@ -37,6 +37,7 @@ def device_arguments(controllers: Iterable[Controller], devices: Iterable[Device
 
 
 def members(unit: Unit) -> tuple[DeviceSpec, ...]:
+    """The specs of a unit: a group's members in function order, or the one device."""
     return unit.members if isinstance(unit, DeviceGroup) else (unit,)
 
 
@@ -51,6 +52,8 @@ def unit_devices(unit: Unit, bus: str, slot: int, state: DeviceState) -> list[De
 
 
 def check_unique_uuids(units: Iterable[Unit]) -> None:
+    """Refuse a device list that names one UUID twice (within a group or across units) with
+    :class:`DeviceExists`, before anything is reserved."""
     seen: set[str] = set()
     for unit in units:
         for spec in members(unit):
@@ -60,6 +63,8 @@ def check_unique_uuids(units: Iterable[Unit]) -> None:
 
 
 def check_unique_ids(devices: Sequence[Device]) -> None:
+    """Refuse records of which two would get one QEMU id (same type, first UUID group and slot) with
+    :class:`DeviceExists`."""
     seen: set[str] = set()
     for device in devices:
         if device.qemu_id in seen:
@@ -127,12 +132,15 @@ async def typed(monitor: MonitorLike, spec: DeviceSpec) -> DeviceSpec:
 
 
 async def typed_unit(monitor: MonitorLike, unit: Unit) -> Unit:
+    """:func:`typed` for a unit: every member of a group typed, the group's place kept."""
     if isinstance(unit, DeviceSpec):
         return await typed(monitor, unit)
     return replace(unit, members=tuple([await typed(monitor, m) for m in unit.members]))
 
 
 def describe_live(functions: list[PciFunction]) -> str:
+    """What QEMU shows at a place, for messages: the first function's description and id (*functions* empty: a
+    generic name)."""
     if not functions:
         return "a device QEMU shows"
     first = functions[0]
@@ -141,6 +149,8 @@ def describe_live(functions: list[PciFunction]) -> str:
 
 
 def find(store: Store, vm: str, uuid: str) -> Device | None:
+    """The record of device *uuid* of *vm*, read in a read transaction of its own; None when there is none
+    (also when the VM is not stored)."""
     with store.reading() as txn:
         return txn.find_device(vm, uuid)
 
@@ -153,6 +163,8 @@ def forget_all(store: Store, vm: str, devices: Iterable[Device]) -> list[Device]
 
 
 def restore(store: Store, vm: str, uuids: Iterable[str], state: DeviceState, *, unplug_requested: bool = False) -> None:
+    """Put the records of *uuids* back into *state* in one transaction (how an undo returns them to where they
+    were); a change the state machine refuses is :class:`InvalidTransition` and changes nothing."""
     with store.transaction() as txn:
         for uuid in uuids:
             txn.set_state(vm, uuid, state, unplug_requested=unplug_requested)

@@ -311,6 +311,7 @@ class IncomingConfirmed:
     report: ReconcileReport | None = None
 
     def to_json(self) -> dict[str, Any]:
+        """The confirmation document the source's :func:`release_outgoing` checks (``report`` is left out)."""
         return {
             "format": CONFIRMATION_FORMAT,
             "version": MIGRATION_VERSION,

@@ -36,9 +36,12 @@ class ReconcileReport:
 
     @property
     def changed(self) -> bool:
+        """Did reconcile change a record (``attached``, ``released``, ``lost``, ``resent``, ``restored``)?
+        The lists that only report (``pending``, ``misplaced``, ``unknown``, ...) do not count."""
         return bool(self.attached or self.released or self.lost or self.resent or self.restored)
 
     def to_json(self) -> dict[str, Any]:
+        """Every list under its field name, as ``reconcile --json`` prints it."""
         return {
             "vm": self.vm,
             "attached": self.attached,
@@ -125,6 +128,8 @@ class Live(str, enum.Enum):
 
 
 class Action(str, enum.Enum):
+    """What :func:`reconcile` does with one record; each value names the report list it lands in."""
+
     ATTACH = "attached"  # -> attached
     NOT_RUNNING = "not_running"  # nothing to do: the VM was not booted with it yet
     RELEASE = "released"  # forget the record, slot free

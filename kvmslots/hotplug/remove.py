@@ -23,6 +23,9 @@ from .common import UnplugRecorder, find, forget_all, group_of, removed_from_vie
 
 
 class HotDelStatus(str, enum.Enum):
+    """How :func:`hot_del` ended: ``removed`` (QEMU confirmed, the slot is free) or ``pending`` (the guest has
+    not ejected the device yet; the slot stays taken)."""
+
     REMOVED = "removed"
     PENDING = "pending"
 
@@ -48,10 +51,13 @@ class HotDelResult:
 
     @property
     def removed(self) -> bool:
+        """QEMU confirmed the removal: the records are gone and the slot is free."""
         return self.status is HotDelStatus.REMOVED
 
     @property
     def pending(self) -> bool:
+        """The guest did not eject the device in time: it stays ``detaching`` and its slot taken until QEMU
+        confirms the removal (to a later :func:`hot_del`, or :func:`reconcile` finds it gone)."""
         return self.status is HotDelStatus.PENDING
 
 

@@ -160,6 +160,8 @@ class SysfsBinder:
     # -- HostBinder -------------------------------------------------------------
 
     def driver(self, address: str) -> str | None:
+        """The driver the function is bound to now (its ``driver`` link), or None; :class:`HostBindError` when
+        the device does not exist."""
         addr, path = self._device(address)
         return self._driver(addr, path)
 
@@ -268,12 +270,17 @@ class LibvirtBinder:
                 ) from exc
 
     def detach(self, address: str) -> None:
+        """Bind the function to vfio-pci through libvirt (``virNodeDeviceDetachFlags``, backend ``vfio``);
+        libvirt's refusal is :class:`HostBindError` with its message."""
         self._call(address, "libvirt detach to vfio", "detach")
 
     def reattach(self, address: str) -> None:
+        """Give the function back to its host driver through libvirt (``virNodeDeviceReAttach``); only after
+        QEMU released it."""
         self._call(address, "libvirt reattach to the host driver", "reattach")
 
     def driver(self, address: str) -> str | None:
+        """The driver libvirt's node device XML names, or None when it names none."""
         xml = self._call(address, "reading the node device XML", "xml")
         try:
             name = ET.fromstring(xml).findtext("driver/name")

@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 
 class PciStatus(str, enum.Enum):
+    """Where a host device is in its life (Nova's statuses; see the module docstring).  Only ``available``
+    devices are in the pools; ``claimed`` and ``allocated`` ones belong to an instance."""
+
     AVAILABLE = "available"
     CLAIMED = "claimed"
     ALLOCATED = "allocated"
@@ -117,6 +120,7 @@ class PciDevice:
     # -- views ----------------------------------------------------------------
     @property
     def is_available(self) -> bool:
+        """Free for a claim (``available``, no owner)."""
         return self.status is PciStatus.AVAILABLE
 
     def hypervisor_values(self) -> dict[str, Any]:

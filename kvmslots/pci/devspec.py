@@ -120,6 +120,7 @@ class AnyAddress:
     exact: frozenset[str] = frozenset()
 
     def matches(self, addr: PciAddress, addr_s: str, parent_s: str | None) -> bool:
+        """Always True: a spec without ``address`` covers every device."""
         return True
 
     def __repr__(self) -> str:
@@ -138,6 +139,7 @@ class GlobAddress:
     exact: frozenset[str] = field(default=frozenset(), init=False, repr=False, compare=False)
 
     def matches(self, addr: PciAddress, addr_s: str, parent_s: str | None) -> bool:
+        """Every part that is not ``*`` equals the device's own (the parent is not looked at)."""
         return (
             (self.domain is None or self.domain == addr.domain)
             and (self.bus is None or self.bus == addr.bus)
@@ -162,6 +164,8 @@ class RegexAddress:
     exact: frozenset[str] = field(default=frozenset(), init=False, repr=False, compare=False)
 
     def matches(self, addr: PciAddress, addr_s: str, parent_s: str | None) -> bool:
+        """Each pattern matches the start of the device's own part, in canonical spelling (the parent is not
+        looked at)."""
         # addr_s is canonical "dddd:bb:ss.f": slicing is cheaper than formatting.
         domain, bus, slot, function = self.patterns
         return (
@@ -179,6 +183,8 @@ class ExactAddresses:
     exact: frozenset[str]
 
     def matches(self, addr: PciAddress, addr_s: str, parent_s: str | None) -> bool:
+        """The device is one of the addresses, or a VF whose PF is (*parent_s*: the PF's canonical address,
+        None for a device without one)."""
         return addr_s in self.exact or (parent_s is not None and parent_s in self.exact)
 
 

@@ -345,6 +345,7 @@ class InstancePciRequest:
             raise InvalidPciRequest(f"{where}: 'source' must be one of {', '.join(SOURCES)}, got {shown(self.source)}")
 
     def to_dict(self) -> dict[str, Any]:
+        """The request as stored and exported, JSON-ready; :meth:`from_dict` reads it back."""
         return {
             "count": self.count,
             "spec": [dict(alternative) for alternative in self.spec],
@@ -355,6 +356,7 @@ class InstancePciRequest:
         }
 
     def to_json(self) -> str:
+        """:meth:`to_dict` as JSON text with sorted keys: one request, one text."""
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
@@ -379,6 +381,7 @@ class InstancePciRequest:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> InstancePciRequest:
+        """:meth:`from_dict` from JSON text; bad JSON is :class:`InvalidPciRequest` too."""
         return cls.from_dict(load_json(text, "stored PCI request", InvalidPciRequest))
 
 

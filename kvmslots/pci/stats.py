@@ -81,6 +81,7 @@ class Pool:
 
     @property
     def count(self) -> int:
+        """Its free devices: those it holds plus those known only by number (a cluster view)."""
         return len(self.devices) + sum(n for _, n in self.counted)
 
     def free_by_tags(self) -> Iterator[tuple[tuple[str, Any], Mapping[str, str], int]]:
@@ -91,6 +92,8 @@ class Pool:
             yield ("counted", index), tags, count
 
     def describe(self) -> dict[str, Any]:
+        """The pool as a Nova ``pci_device_pools`` entry: its keys (``parent_addr`` only for VFs), its tags
+        flattened in, and ``count``; a new dict on every call."""
         # a pool's keys never change: build their part once, then copy it (C speed) per call
         if self._described is None:
             out: dict[str, Any] = {
@@ -224,6 +227,7 @@ class PciDeviceStats:
             self._pool(key).counted.append((dict(tags), count))
 
     def forget(self, addresses: Iterable[str]) -> None:
+        """Take devices out of their pools; an address in no pool is ignored."""
         for address in addresses:
             self._discard(address)
 
@@ -238,6 +242,7 @@ class PciDeviceStats:
                 self._unorder(key, pool)
 
     def clear(self) -> None:
+        """Empty every pool, counted devices included."""
         self._pools.clear()
         self._where.clear()
         self._by_ids.clear()
@@ -259,6 +264,7 @@ class PciDeviceStats:
         return iter(pool.describe() for pool in self.pools)
 
     def free_count(self) -> int:
+        """How many free devices the pools hold, counted ones included."""
         return len(self._where) + sum(n for pool in self._pools.values() for _, n in pool.counted)
 
     # -- requests ---------------------------------------------------------------

@@ -131,6 +131,7 @@ class SyncReport:
     kept: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, list[str]]:
+        """The four lists as ``host sync --json`` prints them."""
         return {"added": self.added, "updated": self.updated, "removed": self.removed, "kept": self.kept}
 
 
@@ -231,6 +232,8 @@ class PciDevTracker:
         return [self._devs[a] for a in sorted(self._devs)]
 
     def get_device(self, address: str) -> PciDevice:
+        """The tracked device at *address* (any spelling of it), as the database has it now;
+        :class:`UnknownPciDevice` when there is none."""
         self.refresh()
         return self._get(address)
 

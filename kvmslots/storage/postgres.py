@@ -60,6 +60,8 @@ _SCHEMA_TABLE = "CREATE TABLE kvmslots_schema (version INTEGER NOT NULL)"
 
 
 def is_postgres_url(location: object) -> bool:
+    """Does *location* name a PostgreSQL database (a ``postgresql://`` or ``postgres://`` URL) rather than a
+    state directory?  Anything but text does not."""
     return isinstance(location, str) and location.startswith(("postgresql://", "postgres://"))
 
 
@@ -108,6 +110,7 @@ class PostgresTransaction(SqlTransaction):
         return " FOR UPDATE" if self._write else ""
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        """One statement (written with ``?``) over many rows, in one psycopg ``executemany``."""
         with self._conn.cursor() as cur:
             cur.executemany(_pg(sql), list(rows))
 
@@ -186,6 +189,7 @@ class PostgresBackend:
         return f"postgresql:{row[0]}/{row[1]}/{row[2]}"
 
     def close(self) -> None:
+        """Close the connection; the server releases every VM lock it held."""
         if self._conn is not None:
             self._conn.close()
 
@@ -298,6 +302,7 @@ class PostgresBackend:
             conn.execute("SELECT pg_advisory_unlock(%s)", (_key("vm-op", vm),))
 
     def vm_lock_sync(self, vm: str, timeout: float = 60.0) -> contextlib.AbstractContextManager[None]:
+        """:meth:`vm_lock` for synchronous callers (define, delete and import of a VM)."""
         return hold_sync(vm, timeout, lambda: self._try_lock(vm), lambda _: self._unlock(vm))
 
     def vm_lock(self, vm: str, timeout: float = 60.0) -> contextlib.AbstractAsyncContextManager[None]:

@@ -93,6 +93,7 @@ class SqlTransaction:
         return self._conn.execute(self._sql(sql), params)
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        """One statement (written with ``?``) over many rows, in this transaction."""
         self._conn.executemany(self._sql(sql), rows)
 
     def _vm(self, name: str) -> str:
@@ -106,6 +107,8 @@ class SqlTransaction:
 
     # -- VMs --------------------------------------------------------------------------
     def find_vm(self, name: str) -> VMSpec | None:
+        """The stored VM, or None; one stored with a machine type kvmslots no longer places devices on is a
+        :class:`StateConflict` that says to delete it."""
         row = self.execute(
             "SELECT name, machine, mask, bus_masks, hotplug_ports, spare_bridge FROM vms WHERE name = ?",
             (self._vm(name),),
@@ -125,12 +128,14 @@ class SqlTransaction:
         return self.execute("SELECT 1 FROM vms WHERE name = ?", (self._vm(name),)).fetchone() is not None
 
     def get_vm(self, name: str) -> VMSpec:
+        """The stored VM; :class:`UnknownVM` when there is none."""
         vm = self.find_vm(name)
         if vm is None:
             raise UnknownVM(name)
         return vm
 
     def put_vm(self, vm: VMSpec) -> None:
+        """Insert the VM, or update its spec in place (its devices and controllers stay)."""
         self.execute(
             "INSERT INTO vms (name, machine, mask, bus_masks, hotplug_ports, spare_bridge) VALUES (?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (name) DO UPDATE SET machine = excluded.machine, mask = excluded.mask, "
@@ -147,26 +152,31 @@ class SqlTransaction:
         )
 
     def delete_vm(self, name: str) -> None:
+        """Delete the VM's devices, controllers and row; nothing to delete is fine."""
         name = self._vm(name)
         self.execute("DELETE FROM devices WHERE vm = ?", (name,))
         self.execute("DELETE FROM controllers WHERE vm = ?", (name,))
         self.execute("DELETE FROM vms WHERE name = ?", (name,))
 
     def vm_names(self) -> list[str]:
+        """Every VM's name, sorted in Python (the same order on both engines)."""
         return sorted(row[0] for row in self.execute("SELECT name FROM vms").fetchall())
 
     # -- devices ------------------------------------------------------------------------
     def devices(self, vm: str) -> list[Device]:
+        """The VM's devices by bus, slot and function, sorted in Python (the same order on both engines)."""
         rows = self.execute(f"SELECT {DEVICE_COLUMNS} FROM devices WHERE vm = ?", (self._vm(vm),)).fetchall()
         return sorted(map(_row_to_device, rows), key=_device_order)
 
     def find_device(self, vm: str, uuid: str) -> Device | None:
+        """The device's record, or None (the UUID is validated first)."""
         row = self.execute(
             f"SELECT {DEVICE_COLUMNS} FROM devices WHERE vm = ? AND uuid = ?", (self._vm(vm), validate_uuid(uuid))
         ).fetchone()
         return None if row is None else _row_to_device(row)
 
     def get_device(self, vm: str, uuid: str) -> Device:
+        """The device's record; :class:`UnknownDevice` when there is none."""
         device = self.find_device(vm, uuid)
         if device is None:
             raise UnknownDevice(f"VM {vm!r} has no device with UUID {uuid}", vm=vm, uuid=uuid)
@@ -274,6 +284,7 @@ class SqlTransaction:
 
     # -- controllers (root ports and bridges kvmslots planned) ----------------------------
     def controllers(self, vm: str) -> list[Controller]:
+        """The VM's controllers by chassis number."""
         rows = self.execute(
             "SELECT id, kind, bus, slot, function, chassis FROM controllers WHERE vm = ? ORDER BY chassis",
             (self._vm(vm),),
@@ -281,6 +292,8 @@ class SqlTransaction:
         return [Controller(*row) for row in rows]
 
     def add_controller(self, vm: str, controller: Controller) -> None:
+        """Record a controller; a clash of id, chassis number or place with a stored one is a
+        :class:`StateConflict`."""
         vm = self._vm(vm)
         clash = self.execute(
             "SELECT id FROM controllers "
@@ -313,10 +326,12 @@ class SqlTransaction:
         return int(row[0])
 
     def host_generation(self, node: str) -> int:
+        """The host's committed generation, without a lock; 0 when it has no row."""
         row = self.execute("SELECT generation FROM pci_hosts WHERE node = ?", (node,)).fetchone()
         return int(row[0]) if row else 0
 
     def load_host(self, node: str) -> tuple[list[PciDevice], list[tuple[str, InstancePciRequest]]]:
+        """The host's devices by address, and its stored PCI requests as (instance UUID, request)."""
         rows = self.execute(f"SELECT {_PCI_SELECT} FROM pci_devices WHERE node = ?", (node,)).fetchall()
         rows.sort(key=_first)  # by address
         devices = _rows_to_pci(rows)
@@ -372,13 +387,16 @@ class SqlTransaction:
             self.executemany(sql, rows)
 
     def mark_synced(self, node: str, when: float) -> None:
+        """Set the host's last-sync time (seconds since the epoch)."""
         self.execute("UPDATE pci_hosts SET synced_at = ? WHERE node = ?", (when, node))
 
     def device_spec(self, node: str) -> Any | None:
+        """The host's stored device spec, decoded; None when there is none."""
         row = self.execute("SELECT device_spec FROM pci_hosts WHERE node = ?", (node,)).fetchone()
         return None if row is None or row[0] is None else json.loads(row[0])
 
     def set_device_spec(self, node: str, spec: Any) -> None:
+        """Store the host's device spec as JSON on its row (nothing is written when it has none)."""
         self.execute("UPDATE pci_hosts SET device_spec = ? WHERE node = ?", (json.dumps(spec), node))
 
     def hosts(self, *, counts: bool = True) -> list[HostRecord]:

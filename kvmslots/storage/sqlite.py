@@ -47,6 +47,7 @@ class SQLiteTransaction(SqlTransaction):
     """A transaction on the SQLite file: ``BEGIN IMMEDIATE`` already keeps every other writer out."""
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        """One statement over many rows through ``sqlite3`` (which takes the ``?`` markers as written)."""
         self._conn.executemany(sql, rows)
 
 
@@ -139,6 +140,8 @@ class SQLiteBackend:
             txn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
+        """Close the database connection (VM locks are file locks of their own, released when their ``with``
+        blocks end)."""
         self._conn.close()
 
     @contextlib.contextmanager
