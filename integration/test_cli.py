@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -166,19 +167,23 @@ def test_host_commands_against_the_libvirt_test_driver(cli, tmp_path):
     assert {d["address"] for d in jrun(cli, "host", "devices")} == {d["address"] for d in topology}
 
 
-def test_demo_leaves_nothing_behind_but_its_state(tmp_path):
-    scratch = tmp_path / "tmp"
-    scratch.mkdir()
-    proc = subprocess.run([executable(), "--json", "demo"], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "TMPDIR": str(scratch)})
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout)
-    steps = {s["step"]: s["result"] for s in result["steps"]}
-    assert "vfio-pci" in steps["claim a passthrough GPU from the example inventory (VM demo-gpu)"]
-    assert "removed" in steps["hot remove one"]
-    pid = int(steps["boot a disposable guest (TCG)"].split()[2].rstrip(","))
-    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
-    assert [p.name for p in scratch.iterdir()] == [Path(result["state_dir"]).name]
+def test_demo_leaves_nothing_behind_but_its_state():
+    # a short scratch TMPDIR of its own: the demo's sockets go under it, and a unix socket path has
+    # at most 107 bytes (pytest's tmp_path, under an xdist worker's directory, is too deep)
+    scratch = Path(tempfile.mkdtemp(prefix="kd-"))
+    try:
+        proc = subprocess.run([executable(), "--json", "demo"], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "TMPDIR": str(scratch)})
+        assert proc.returncode == 0, proc.stderr
+        result = json.loads(proc.stdout)
+        steps = {s["step"]: s["result"] for s in result["steps"]}
+        assert "vfio-pci" in steps["claim a passthrough GPU from the example inventory (VM demo-gpu)"]
+        assert "removed" in steps["hot remove one"]
+        pid = int(steps["boot a disposable guest (TCG)"].split()[2].rstrip(","))
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+        assert [p.name for p in scratch.iterdir()] == [Path(result["state_dir"]).name]
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def test_the_pytest_plugin_gives_users_a_booted_guest(pytester):
