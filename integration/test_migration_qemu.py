@@ -39,7 +39,7 @@ from kvmslots import (
     plan_boot,
     reconcile,
 )
-from kvmslots.errors import HotplugError, KvmSlotsError, MigrationIncomplete, MigrationRefused
+from kvmslots.errors import HotplugError, KvmSlotsError, MigrationIncomplete, MigrationRefused, StateConflict
 from kvmslots.hotplug.migrate import abort_incoming, confirm_incoming, outgoing, plan_incoming, release_outgoing
 from kvmslots.testvm import TestVM
 
@@ -395,3 +395,30 @@ def test_while_qemu_migrates_hot_add_and_hot_del_are_refused_typed_and_change_no
                     assert added_after.state is DeviceState.ATTACHED
 
             run(during())
+
+
+def test_the_synchronous_facade_carries_a_vm_through_a_migration(tmp_path: Path) -> None:
+    """SlotManager, for lifecycle managers that are not asyncio code: the same five steps."""
+    from kvmslots import SlotManager
+
+    with SlotManager(tmp_path / "src") as src, SlotManager(tmp_path / "dst") as dst:
+        plan = src.plan_boot(VMSpec("vm1"), [rng(1), DeviceGroup((rng(2), pci_testdev(3)))])
+        with TestVM(tmp_path / "a", mode="qtest", extra_args=plan.qemu_args) as a:
+            src.reconcile("vm1", qmp=a.qmp_path)
+            doc = src.migration_outgoing("vm1", qmp=a.qmp_path)
+            incoming = dst.plan_incoming(doc)
+            with TestVM(tmp_path / "b", mode="qtest", extra_args=incoming.device_args, incoming="defer") as b:
+
+                async def move() -> None:
+                    async with Monitor(a.qmp_path) as sm, Monitor(b.qmp_path) as tm:
+                        assert (await migrate(sm, tm, b.migration_uri))["status"] == "completed"
+
+                run(move())
+                done = dst.confirm_incoming(doc, qmp=b.qmp_path)
+                assert sorted(done.devices) == sorted(d.qemu_id for d in plan.devices)
+                released = src.release_outgoing(doc, done.to_json(), qmp=a.qmp_path)
+                assert sorted(d.qemu_id for d in released) == sorted(d.qemu_id for d in plan.devices)
+                assert not src.store.has_vm("vm1")
+                assert {d.state for d in dst.store.devices("vm1")} == {DeviceState.ATTACHED}
+                with pytest.raises(StateConflict):  # confirmed: no longer an incoming plan to drop
+                    dst.abort_incoming(doc)
