@@ -34,7 +34,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import guestscripts
 import pytest
+from guestscripts import prelude
 
 from kvmslots.testvm import TestVM
 
@@ -70,37 +72,12 @@ def vfs(pt_vm: TestVM) -> list[str]:
 
 
 #: Shared by every script: one state directory on the guest's tmpfs, the operator's files, timing.
-PRELUDE = r"""
-import asyncio, json, os, subprocess, sys, time, uuid
-from contextlib import contextmanager
-from kvmslots import Monitor, Store, VMSpec, hot_add, hot_del, outgoing
-from kvmslots.errors import KvmSlotsError, MigrationRefused
-from kvmslots.passthrough import HostDevices, PassthroughSpec
-from kvmslots.pci.binding import SysfsBinder
-from kvmslots.pci.devspec import Whitelist
-from kvmslots.pci.discovery import discover_sysfs
-from kvmslots.pci.request import get_pci_requests_from_flavor, parse_aliases
-from kvmslots.pci.tracker import PciDevTracker
-from kvmslots.testvm import TestVM
-
-PF = "0000:00:02.0"
-BASE = "/tmp/kvmslots-flow"
+PRELUDE = prelude("/tmp/kvmslots-flow", r"""
 STATE = BASE + "/state"
-SPEC = [{"vendor_id": "1b36", "product_id": "0010"}]  # nova.conf [pci] device_spec
-ALIASES = [{"name": "nvmevf", "vendor_id": "1b36", "product_id": "0010", "device_type": "type-VF"}]
-os.makedirs(BASE, exist_ok=True)
+PF = "0000:00:02.0"
 for name, data in (("device_spec.json", SPEC), ("aliases.json", ALIASES)):
     with open(f"{BASE}/{name}", "w") as f:
         json.dump(data, f)
-result = {"steps": {}}
-
-@contextmanager
-def step(name):
-    t = time.perf_counter()
-    try:
-        yield
-    finally:
-        result["steps"][name] = round(result["steps"].get(name, 0.0) + time.perf_counter() - t, 4)
 
 def cli(*args):
     proc = subprocess.run([sys.executable, "-m", "kvmslots", "--state", STATE, "--json", *args],
@@ -108,23 +85,6 @@ def cli(*args):
     if proc.returncode:
         raise SystemExit(f"kvmslots {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
     return json.loads(proc.stdout)
-
-def link(path):
-    try:
-        return os.path.basename(os.readlink(path))
-    except FileNotFoundError:
-        return None
-
-def driver(address):
-    return link(f"/sys/bus/pci/devices/{address}/driver")
-
-def group_of(address):
-    return link(f"/sys/bus/pci/devices/{address}/iommu_group")
-
-def request(alias="nvmevf:1", aliases=ALIASES):
-    [req] = get_pci_requests_from_flavor({"extra_specs": {"pci_passthrough:alias": alias}},
-                                         parse_aliases(aliases))
-    return req
 
 def status(tracker, address):
     tracker.refresh()
@@ -152,32 +112,12 @@ class TimedHost(HostDevices):
         with step("reattach+free"):
             return super().release(vm, host_address)
 
-subprocess.run(["modprobe", "-a", "vfio-pci", "vfio_iommu_type1"], check=True)
-"""
-
-EPILOGUE = r"""
-print("RESULT " + json.dumps(result))
-"""
+""")
 
 
 def run_py(vm: TestVM, name: str, body: str, tmp_path: Path, timeout: float = 180.0) -> dict[str, Any]:
-    """Run PRELUDE + body in the guest; return its RESULT, record and print its step timings."""
-    started = time.perf_counter()
-    output, status = vm.run_script(PRELUDE + body + EPILOGUE, timeout, interpreter="python3")
-    wall = time.perf_counter() - started
-    assert status == 0, output
-    lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
-    assert lines, output
-    result: dict[str, Any] = json.loads(lines[-1][len("RESULT ") :])
-    steps = {**result["steps"], "script_wall": round(wall, 3)}
-    print(f"\n[{name}] " + "  ".join(f"{k}={v:.3f}s" for k, v in steps.items()))
-    if "error" in result:
-        print(f"[{name}] error: {result['error']}")
-    if name in TIMINGS:  # a test's second script: keep both, the second's wall time apart
-        steps["script_wall_2"] = steps.pop("script_wall")
-    TIMINGS.setdefault(name, {}).update(steps)
-    (tmp_path / "timings.json").write_text(json.dumps(TIMINGS[name], indent=2))
-    return result
+    """Run PRELUDE + body in the guest (:func:`guestscripts.run_py`); its RESULT."""
+    return guestscripts.run_py(vm, PRELUDE, name, body, tmp_path, TIMINGS, timeout)
 
 
 # --- 1. discover and pool -----------------------------------------------------------------

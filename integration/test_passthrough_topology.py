@@ -31,7 +31,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import guestscripts
 import pytest
+from guestscripts import prelude
 
 from kvmslots.testvm import NUMA_PXB_BUS, NUMA_SRIOV_SERIAL, TestVM
 
@@ -73,33 +75,7 @@ def vfs(numa_vm: TestVM) -> dict[str, list[str]]:
     return found
 
 
-PRELUDE = r"""
-import asyncio, json, os, shutil, subprocess, sys, time, uuid
-from contextlib import contextmanager
-from kvmslots import Monitor, Store, VMSpec, hot_add, hot_del
-from kvmslots.errors import KvmSlotsError
-from kvmslots.passthrough import HostDevices, PassthroughSpec
-from kvmslots.pci.binding import SysfsBinder
-from kvmslots.pci.devspec import Whitelist
-from kvmslots.pci.discovery import discover_sysfs
-from kvmslots.pci.request import get_pci_requests_from_flavor, parse_aliases
-from kvmslots.pci.tracker import PciDevTracker
-from kvmslots.testvm import TestVM
-
-BASE = "/tmp/kvmslots-topology"
-SPEC = [{"vendor_id": "1b36", "product_id": "0010"}]  # nova.conf [pci] device_spec: every NVMe function
-ALIASES = [{"name": "nvmevf", "vendor_id": "1b36", "product_id": "0010", "device_type": "type-VF"}]
-os.makedirs(BASE, exist_ok=True)
-result = {"steps": {}}
-
-@contextmanager
-def step(name):
-    t = time.perf_counter()
-    try:
-        yield
-    finally:
-        result["steps"][name] = round(result["steps"].get(name, 0.0) + time.perf_counter() - t, 4)
-
+PRELUDE = prelude("/tmp/kvmslots-topology", r"""
 def fresh_state(name):
     shutil.rmtree(f"{BASE}/{name}", ignore_errors=True)
     return f"{BASE}/{name}"
@@ -111,53 +87,16 @@ def cli(state, *args):
         raise SystemExit(f"kvmslots {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
     return json.loads(proc.stdout)
 
-def link(path):
-    try:
-        return os.path.basename(os.readlink(path))
-    except FileNotFoundError:
-        return None
-
-def driver(address):
-    return link(f"/sys/bus/pci/devices/{address}/driver")
-
-def group_of(address):
-    return link(f"/sys/bus/pci/devices/{address}/iommu_group")
-
-def request(alias="nvmevf:1", aliases=ALIASES, policy=None):
-    [req] = get_pci_requests_from_flavor({"extra_specs": {"pci_passthrough:alias": alias}},
-                                         parse_aliases(aliases), policy)
-    return req
-
 def statuses(tracker):
     tracker.refresh()
     return {d.address: [d.status.value, d.instance_uuid] for d in tracker.all_devs}
 
-def error_facts(exc):
-    return {"type": type(exc).__name__, "bases": [c.__name__ for c in type(exc).__mro__],
-            "message": str(exc), "facts": exc.facts()}
-
-subprocess.run(["modprobe", "-a", "vfio-pci", "vfio_iommu_type1"], check=True)
-"""
-
-EPILOGUE = r"""
-print("RESULT " + json.dumps(result))
-"""
+""")
 
 
 def run_py(vm: TestVM, name: str, body: str, tmp_path: Path, timeout: float = 180.0) -> dict[str, Any]:
-    """Run PRELUDE + body in the guest; return its RESULT, record and print its step timings."""
-    started = time.perf_counter()
-    output, status = vm.run_script(PRELUDE + body + EPILOGUE, timeout, interpreter="python3")
-    wall = time.perf_counter() - started
-    assert status == 0, output
-    lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
-    assert lines, output
-    result: dict[str, Any] = json.loads(lines[-1][len("RESULT ") :])
-    steps = {**result["steps"], "script_wall": round(wall, 3)}
-    print(f"\n[{name}] " + "  ".join(f"{k}={v:.3f}s" for k, v in steps.items()))
-    TIMINGS[name] = steps
-    (tmp_path / "timings.json").write_text(json.dumps(steps, indent=2))
-    return result
+    """Run PRELUDE + body in the guest (:func:`guestscripts.run_py`); its RESULT."""
+    return guestscripts.run_py(vm, PRELUDE, name, body, tmp_path, TIMINGS, timeout)
 
 
 # --- 1. the kernel's NUMA nodes, as discover_sysfs and the tracker report them -----------------
