@@ -106,3 +106,12 @@ def run_py(
     timings.setdefault(name, {}).update(steps)
     (tmp_path / "timings.json").write_text(json.dumps(timings[name], indent=2))
     return result
+
+
+def report_timings(title: str, workdir: Path, timings: dict[str, dict[str, float]]) -> None:
+    """Write a module's step timings to ``timings.json`` in *workdir* and print them (``-s`` shows them)."""
+    path = workdir / "timings.json"
+    path.write_text(json.dumps(timings, indent=2))
+    print(f"\n{title} timings (s), also in {path}:")
+    for test, steps in timings.items():
+        print(f"  {test:<12} " + "  ".join(f"{name}={seconds:.3f}" for name, seconds in steps.items()))

@@ -55,11 +55,7 @@ def pt_vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestVM]:
     with TestVM(workdir, mode="passthrough") as vm:
         TIMINGS["guest"] = {"boot": round(time.perf_counter() - started, 3)}
         yield vm
-    path = workdir / "timings.json"
-    path.write_text(json.dumps(TIMINGS, indent=2))
-    print(f"\npassthrough flow timings (s), also in {path}:")
-    for test, steps in TIMINGS.items():
-        print(f"  {test:<12} " + "  ".join(f"{name}={seconds:.3f}" for name, seconds in steps.items()))
+    guestscripts.report_timings("passthrough flow", workdir, TIMINGS)
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,6 @@ default topology see; the boot costs about as much as one of their tests.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,11 +58,7 @@ def numa_vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestVM]:
     with TestVM(workdir, mode="passthrough", numa=True, extra_args=SHARED_GROUP_ARGS) as vm:
         TIMINGS["guest"] = {"boot": round(time.perf_counter() - started, 3)}
         yield vm
-    path = workdir / "timings.json"
-    path.write_text(json.dumps(TIMINGS, indent=2))
-    print(f"\npassthrough topology timings (s), also in {path}:")
-    for test, steps in TIMINGS.items():
-        print(f"  {test:<12} " + "  ".join(f"{name}={seconds:.3f}" for name, seconds in steps.items()))
+    guestscripts.report_timings("passthrough topology", workdir, TIMINGS)
 
 
 @pytest.fixture(scope="module")
