@@ -110,7 +110,10 @@ class SysfsBinder:
             os.close(fd)
 
     def _driver(self, addr: PciAddress, path: Path) -> str | None:
-        link = path / "driver"
+        return self._link_name(addr, path / "driver")
+
+    def _link_name(self, addr: PciAddress, link: Path) -> str | None:
+        """The last component of a sysfs symlink's target (a driver's or a group's name); None when absent."""
         try:
             return os.path.basename(os.readlink(link).rstrip("/"))
         except FileNotFoundError:
@@ -128,34 +131,18 @@ class SysfsBinder:
         ``devices`` directory, where the kernel lists every device of the group.
         """
         link = path / "iommu_group"
-        try:
-            target = os.readlink(link)
-        except FileNotFoundError:
+        name = self._link_name(addr, link)
+        if name is None:
             return None, {}
-        except OSError as exc:
-            raise HostBindError(f"PCI device {addr}: cannot read {link}: {exc.strerror or exc}") from exc
-        name = os.path.basename(target.rstrip("/"))
         if not name.isdigit():
-            raise HostBindError(f"PCI device {addr}: {link} points to {target!r}, not an IOMMU group number")
+            raise HostBindError(f"PCI device {addr}: {link} points to {name!r}, not an IOMMU group number")
         members_dir = link / "devices"
         try:
             names = sorted(os.listdir(members_dir))
         except OSError as exc:
             raise HostBindError(f"PCI device {addr}: cannot list {members_dir}: {exc.strerror or exc}") from exc
-        others: dict[str, str | None] = {}
-        for member in names:
-            if member == str(addr):
-                continue
-            driver_link = members_dir / member / "driver"
-            try:
-                others[member] = os.path.basename(os.readlink(driver_link).rstrip("/"))
-            except FileNotFoundError:
-                others[member] = None
-            except OSError as exc:
-                raise HostBindError(
-                    f"PCI device {addr}: cannot read {driver_link} (IOMMU group {name}): {exc.strerror or exc}"
-                ) from exc
-        return int(name), others
+        # each member's driver link (under .../iommu_group/devices/<member>/, so errors name the group)
+        return int(name), {m: self._link_name(addr, members_dir / m / "driver") for m in names if m != str(addr)}
 
     # -- HostBinder -------------------------------------------------------------
 
