@@ -220,14 +220,25 @@ def cmd_plan(args: argparse.Namespace, store: Store, out: Output) -> int:
             reserve_slots=args.reserve_slots,
         )
     plan = asyncio.run(hotplug.plan_boot(store, vm, units, host=_host_devices(args, store)))
-    rows = [{**_controller_json(c), "arg": c.device_option()} for c in plan.controllers]
-    rows += [{**_device_json(d), "arg": d.device_option()} for d in plan.devices]
+    rows = _argument_rows(plan.controllers, plan.devices)
+    out.emit(rows, lambda: "\n".join(_device_lines(rows)))
+    return 0
+
+
+def _argument_rows(controllers: Sequence[Controller], devices: Sequence[Device]) -> list[dict[str, Any]]:
+    """One JSON row per ``-device`` argument, controllers first (as :func:`hotplug.common.device_arguments`)."""
+    rows = [{**_controller_json(c), "arg": c.device_option()} for c in controllers]
+    rows += [{**_device_json(d), "arg": d.device_option()} for d in devices]
     for row in rows:
         row.pop("chassis", None)
-    # Quoted for a POSIX shell: a value such as mac=$(touch x) stays data in `qemu ... $(kvmslots plan ...)`
-    # only through eval; quoted, `eval "qemu-system-x86_64 $(kvmslots plan ...)"` is safe.
-    out.emit(rows, lambda: "\n".join(f"-device {shlex.quote(row['arg'])}" for row in rows))
-    return 0
+    return rows
+
+
+def _device_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """``-device ARG`` lines, quoted for a POSIX shell: a value such as mac=$(touch x) stays data in
+    ``qemu ... $(kvmslots plan ...)`` only through eval; quoted, ``eval "qemu-system-x86_64 $(kvmslots
+    plan ...)"`` is safe."""
+    return [f"-device {shlex.quote(row['arg'])}" for row in rows]
 
 
 def cmd_attach(args: argparse.Namespace, store: Store, out: Output) -> int:
@@ -410,16 +421,18 @@ def cmd_delete(args: argparse.Namespace, store: Store, out: Output) -> int:
 def cmd_export(args: argparse.Namespace, store: Store, out: Output) -> int:
     """``kvmslots export VM``: the VM's state document on standard output, or written 0600 to ``--output``
     with a one-line report."""
-    _put_document(args, out, store.export_vm(args.vm), {}, f"exported {args.vm} to {args.output}")
+    _put_document(args, out, args.vm, store.export_vm(args.vm), {}, f"exported {args.vm} to {args.output}")
     return 0
 
 
-def _put_document(args: argparse.Namespace, out: Output, document: Any, facts: dict[str, Any], said: str) -> None:
+def _put_document(
+    args: argparse.Namespace, out: Output, vm: str, document: Any, facts: dict[str, Any], said: str
+) -> None:
     """A JSON document to ``--output`` (0600, reported) or to standard output (the document itself)."""
     text = json.dumps(document, indent=2, sort_keys=True)
     if args.output:
         _write_private(args.output, text + "\n", "--output")
-        out.emit({"vm": args.vm, "file": args.output, **facts}, said)
+        out.emit({"vm": vm, "file": args.output, **facts}, said)
     else:
         print(text)
 
@@ -451,7 +464,7 @@ def cmd_migrate_export(args: argparse.Namespace, store: Store, out: Output) -> i
     document = _with_monitor(args, lambda mon: migrate.outgoing(store, mon, args.vm))
     count = len(document["state"]["devices"])
     said = f"migration document of {args.vm} ({count} device(s)) written to {args.output}"
-    _put_document(args, out, document, {"devices": count}, said)
+    _put_document(args, out, args.vm, document, {"devices": count}, said)
     return 0
 
 
@@ -461,16 +474,12 @@ def cmd_migrate_plan(args: argparse.Namespace, store: Store, out: Output) -> int
     from .hotplug import migrate
 
     plan = migrate.plan_incoming(store, _read_json_file(args.file, "migration document"), incoming=args.incoming)
-    rows = [{**_controller_json(c), "arg": c.device_option()} for c in plan.controllers]
-    rows += [{**_device_json(d), "arg": d.device_option()} for d in plan.devices]
-    for row in rows:
-        row.pop("chassis", None)
+    rows = _argument_rows(plan.controllers, plan.devices)
     data = {"vm": plan.vm.name, "devices": rows, "incoming": plan.incoming, "unmanaged": list(plan.unmanaged),
             "args": plan.qemu_args}
 
     def text() -> str:  # quoted for a POSIX shell, as 'plan' prints them
-        lines = [f"-device {shlex.quote(row['arg'])}" for row in rows]
-        return "\n".join([*lines, f"-incoming {shlex.quote(plan.incoming)}"])
+        return "\n".join([*_device_lines(rows), f"-incoming {shlex.quote(plan.incoming)}"])
 
     out.emit(data, text)
     for item in plan.unmanaged:
@@ -487,9 +496,8 @@ def cmd_migrate_confirm(args: argparse.Namespace, store: Store, out: Output) -> 
 
     document = _read_json_file(args.file, "migration document")
     done = _with_monitor(args, lambda mon: migrate.confirm_incoming(store, mon, document))
-    args.vm = done.vm
     said = f"{done.vm}: {len(done.devices)} device(s) confirmed on this host; confirmation written to {args.output}"
-    _put_document(args, out, done.to_json(), {"devices": list(done.devices)}, said)
+    _put_document(args, out, done.vm, done.to_json(), {"devices": list(done.devices)}, said)
     return 0
 
 
@@ -498,9 +506,9 @@ def cmd_migrate_abort(args: argparse.Namespace, store: Store, out: Output) -> in
     print the ids dropped."""
     from .hotplug import migrate
 
-    document = _read_json_file(args.file, "migration document")
+    document = migrate.parse_migration(_read_json_file(args.file, "migration document"))
     dropped = migrate.abort_incoming(store, document)
-    vm = migrate.parse_migration(document).vm.name
+    vm = document.vm.name
     out.emit({"vm": vm, "dropped": [d.qemu_id for d in dropped]},
              f"dropped the incoming plan of {vm} ({len(dropped)} device(s))")
     return 0
@@ -511,10 +519,10 @@ def cmd_migrate_release(args: argparse.Namespace, store: Store, out: Output) -> 
     records once the target's confirmation and QEMU's migration status check out."""
     from .hotplug import migrate
 
-    document = _read_json_file(args.file, "migration document")
+    document = migrate.parse_migration(_read_json_file(args.file, "migration document"))
     confirmation = _read_json_file(args.confirmation, "migration confirmation")
     released = _with_monitor(args, lambda mon: migrate.release_outgoing(store, mon, document, confirmation))
-    vm = migrate.parse_migration(document).vm.name
+    vm = document.vm.name
     out.emit({"vm": vm, "released": [d.qemu_id for d in released]},
              f"released the records of {vm} ({len(released)} device(s)): it runs on the target now")
     return 0

@@ -188,16 +188,7 @@ class Store:
     def export_vm(self, name: str) -> dict[str, Any]:
         """One VM's state as a versioned JSON-ready document."""
         with self.reading() as txn:
-            vm = txn.get_vm(name)
-            devices = txn.devices(name)
-            controllers = txn.controllers(name)
-        return {
-            "format": EXPORT_FORMAT,
-            "version": EXPORT_VERSION,
-            "vm": vm.to_json(),
-            "controllers": [controller.to_json() for controller in controllers],
-            "devices": [device.to_json() for device in devices],
-        }
+            return export_document(txn, name)
 
     def import_vm(self, document: Mapping[str, Any] | str | bytes, *, replace: bool = False) -> VMSpec:
         """Load a document made by :meth:`export_vm`; all checked before anything is written.
@@ -220,6 +211,17 @@ class Store:
             for device in devices:
                 txn.add_device(vm.name, device)
         return vm
+
+
+def export_document(txn: Transaction, name: str) -> dict[str, Any]:
+    """One VM's state as a versioned JSON-ready document, read in *txn* (one consistent picture)."""
+    return {
+        "format": EXPORT_FORMAT,
+        "version": EXPORT_VERSION,
+        "vm": txn.get_vm(name).to_json(),
+        "controllers": [controller.to_json() for controller in txn.controllers(name)],
+        "devices": [device.to_json() for device in txn.devices(name)],
+    }
 
 
 def json_object(document: Mapping[str, Any] | str | bytes, what: str) -> Mapping[str, Any]:

@@ -53,13 +53,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 from ..errors import MigrationIncomplete, MigrationMismatch, MigrationRefused, StateConflict, StateImportError
 from ..model import Controller, Device, DeviceState, VMSpec
 from ..monitor import MonitorLike, RunsQmp
 from ..passthrough import is_passthrough
-from ..store import Store, json_object, parse_export
+from ..store import Store, export_document, json_object, parse_export
 from .common import device_arguments, topology
 from .reconcile import Live, ReconcileReport, live_state, reconcile, unknown_devices
 
@@ -152,20 +152,19 @@ async def outgoing(store: Store, monitor: MonitorLike, vm: str) -> dict[str, Any
                     devices=[d.qemu_id for d in elsewhere],
                     reason="not_running",
                 )
-            unmanaged = unknown_devices(topo, devices, view)
-    return {
-        "format": MIGRATION_FORMAT,
-        "version": MIGRATION_VERSION,
-        "store": store.identity,
-        "state": store.export_vm(vm),
-        "unmanaged": unmanaged,
-    }
+            return {
+                "format": MIGRATION_FORMAT,
+                "version": MIGRATION_VERSION,
+                "store": store.identity,
+                "state": export_document(txn, vm),  # the snapshot just checked
+                "unmanaged": unknown_devices(topo, devices, view),
+            }
 
 
 async def release_outgoing(
     store: Store,
     monitor: RunsQmp,
-    document: Mapping[str, Any] | str | bytes,
+    document: Doc,
     confirmation: IncomingConfirmed | Mapping[str, Any] | str | bytes,
 ) -> list[Device]:
     """Forget the source's records once the target confirmed the VM; returns what was released.
@@ -232,8 +231,18 @@ class MigrationDocument:
     store: str
 
 
-def parse_migration(document: Mapping[str, Any] | str | bytes) -> MigrationDocument:
-    """Check a document made by :func:`outgoing` whole; :class:`StateImportError` names the first problem."""
+#: A migration document as :func:`outgoing` made it (a JSON object or its text), or parsed already.
+Doc: TypeAlias = "MigrationDocument | Mapping[str, Any] | str | bytes"
+
+
+def parse_migration(document: Doc) -> MigrationDocument:
+    """Check a document made by :func:`outgoing` whole; :class:`StateImportError` names the first problem.
+
+    A document parsed already is returned as it is, so a caller that needs its facts first (the CLI
+    names the VM) parses it once.
+    """
+    if isinstance(document, MigrationDocument):
+        return document
     document = json_object(document, "Migration document")
     if document.get("format") != MIGRATION_FORMAT:
         raise StateImportError(f"Not a kvmslots migration document (expected format {MIGRATION_FORMAT!r})")
@@ -255,7 +264,7 @@ def parse_migration(document: Mapping[str, Any] | str | bytes) -> MigrationDocum
     )
 
 
-def plan_incoming(store: Store, document: Mapping[str, Any] | str | bytes, *, incoming: str = "defer") -> IncomingPlan:
+def plan_incoming(store: Store, document: Doc, *, incoming: str = "defer") -> IncomingPlan:
     """Record the incoming VM on the target (devices ``planned``) and return the target's arguments.
 
     Everything is checked before anything is written.  A VM of that name already on the target
@@ -340,7 +349,7 @@ def parse_confirmation(document: Mapping[str, Any] | str | bytes) -> IncomingCon
 
 
 async def confirm_incoming(
-    store: Store, monitor: MonitorLike, document: Mapping[str, Any] | str | bytes
+    store: Store, monitor: MonitorLike, document: Doc
 ) -> IncomingConfirmed:
     """After the migration completed: the target's devices become ``attached``, checked against its QEMU.
 
@@ -378,7 +387,7 @@ async def confirm_incoming(
     return IncomingConfirmed(vm, store.identity, tuple(sorted(expected)), report)
 
 
-def abort_incoming(store: Store, document: Mapping[str, Any] | str | bytes) -> list[Device]:
+def abort_incoming(store: Store, document: Doc) -> list[Device]:
     """Drop the records :func:`plan_incoming` wrote from *document*, after a failed migration; returns them.
 
     Refused (:class:`StateConflict`) once a device was confirmed: the VM runs here then, and
@@ -390,10 +399,8 @@ def abort_incoming(store: Store, document: Mapping[str, Any] | str | bytes) -> l
     if sent.store == store.identity:
         return []
     with store.vm_lock_sync(vm), store.transaction() as txn:
-        devices = txn.devices(vm) if txn.has_vm(vm) else None
-        if devices is None:
-            txn.get_vm(vm)  # UnknownVM
-            return []
+        txn.get_vm(vm)  # UnknownVM when there is none
+        devices = txn.devices(vm)
         confirmed = [d for d in devices if d.state is not DeviceState.PLANNED]
         if confirmed:
             raise StateConflict(
