@@ -19,11 +19,9 @@ from typing import Any
 
 from kvmslots import DeviceGroup, DeviceSpec, Monitor, Store, VMSpec, hot_add, hot_add_group, plan_boot, reconcile
 from kvmslots.hotplug.migrate import confirm_incoming, outgoing, plan_incoming, release_outgoing
-from kvmslots.testvm import TestVM
+from kvmslots.testvm import TestVM, migrate_qemu
 
 from .common import emit, note
-
-RETURN_PATH = {"capabilities": [{"capability": "return-path", "state": True}]}
 
 
 def _uid(n: int) -> str:
@@ -32,12 +30,7 @@ def _uid(n: int) -> str:
 
 async def _migrate(source: Monitor, target: Monitor, uri: str) -> float:
     start = time.perf_counter()
-    for qemu in (source, target):
-        await qemu.execute("migrate-set-capabilities", RETURN_PATH)
-    await target.execute("migrate-incoming", {"uri": uri})
-    await source.execute("migrate", {"uri": uri})
-    while (status := (await source.execute("query-migrate")).get("status")) not in ("completed", "failed"):
-        await asyncio.sleep(0.005)
+    status = (await migrate_qemu(source, target, uri)).get("status")
     if status != "completed":
         raise RuntimeError(f"migration {status}")
     return time.perf_counter() - start

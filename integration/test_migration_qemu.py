@@ -41,37 +41,16 @@ from kvmslots import (
 )
 from kvmslots.errors import HotplugError, KvmSlotsError, MigrationIncomplete, MigrationRefused, StateConflict
 from kvmslots.hotplug.migrate import abort_incoming, confirm_incoming, outgoing, plan_incoming, release_outgoing
-from kvmslots.testvm import TestVM
+from kvmslots.testvm import TestVM, migrate_qemu
 
 GUEST_WAIT = 30.0  # seconds the guest may take to notice a hot add or removal (never asserted on)
 UNPLUG_WAIT = 30.0
-MIGRATION_WAIT = 120.0
 TIMES: dict[str, dict[str, float]] = {}
 
 
 def functions(view: Any) -> set[tuple[int, int, int, str | None]]:
     """What QEMU's query-pci shows, as (bus number, slot, function, qdev id)."""
     return {(f.bus, f.slot, f.function, f.qdev_id) for f in view.functions}
-
-
-async def migrate(source: Monitor, target: Monitor, uri: str, *, return_path: bool = True) -> dict[str, Any]:
-    """QMP ``migrate-incoming`` on the target, ``migrate`` on the source; QEMU's final status.
-
-    ``return-path`` on both ends, as libvirt sets it: without it the source reports ``completed``
-    once it has sent everything, even when the target then refuses the state.
-    """
-    if return_path:
-        for qemu in (source, target):
-            await qemu.execute("migrate-set-capabilities", {"capabilities": [{"capability": "return-path",
-                                                                               "state": True}]})  # fmt: skip
-    await target.execute("migrate-incoming", {"uri": uri})
-    await source.execute("migrate", {"uri": uri})
-    deadline = time.monotonic() + MIGRATION_WAIT
-    while True:
-        info: dict[str, Any] = await source.execute("query-migrate")
-        if info.get("status") in ("completed", "failed", "cancelled") or time.monotonic() > deadline:
-            return info
-        await asyncio.sleep(0.02)
 
 
 def base_args(machine: str) -> list[str]:
@@ -162,7 +141,7 @@ def test_a_vm_with_hotplugged_devices_migrates_with_every_device_at_its_address(
                             await confirm_incoming(dst, tm, doc)
                         assert early.value.state == "inmigrate"
                         started = time.perf_counter()
-                        info = await migrate(sm, tm, b.migration_uri)
+                        info = await migrate_qemu(sm, tm, b.migration_uri)
                         times["migration"] = time.perf_counter() - started
                         assert info["status"] == "completed", info
                         started = time.perf_counter()
@@ -231,7 +210,7 @@ def test_a_target_missing_a_device_is_refused_and_the_source_stays_as_it_was(
 
                 async def broken() -> None:
                     async with Monitor(a.qmp_path) as sm, Monitor(b.qmp_path) as tm:
-                        info = await migrate(sm, tm, b.migration_uri, return_path=return_path)
+                        info = await migrate_qemu(sm, tm, b.migration_uri, return_path=return_path)
                     async with Monitor(a.qmp_path) as sm:
                         status = (await sm.execute("query-status"))["status"]
                         if return_path:
@@ -354,7 +333,7 @@ def test_two_qemus_of_one_host_on_one_store_keep_the_records_through_the_migrati
                     assert store.export_vm("vm1") == before
                     with TestVM(tmp_path / "b", mode="qtest", extra_args=incoming.device_args, incoming="defer") as b:
                         async with Monitor(b.qmp_path) as tm:
-                            assert (await migrate(sm, tm, b.migration_uri))["status"] == "completed"
+                            assert (await migrate_qemu(sm, tm, b.migration_uri))["status"] == "completed"
                             done = await confirm_incoming(store, tm, doc)
                             assert done.store == store.identity
                             assert await release_outgoing(store, sm, doc, done) == []  # kept: the target's now
@@ -411,7 +390,7 @@ def test_the_synchronous_facade_carries_a_vm_through_a_migration(tmp_path: Path)
 
                 async def move() -> None:
                     async with Monitor(a.qmp_path) as sm, Monitor(b.qmp_path) as tm:
-                        assert (await migrate(sm, tm, b.migration_uri))["status"] == "completed"
+                        assert (await migrate_qemu(sm, tm, b.migration_uri))["status"] == "completed"
 
                 run(move())
                 done = dst.confirm_incoming(doc, qmp=b.qmp_path)

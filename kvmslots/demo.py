@@ -32,7 +32,7 @@ from .errors import KvmSlotsError
 from .model import DeviceGroup, DeviceSpec, VMSpec
 from .monitor import Monitor
 from .store import Store
-from .testvm import TestVM
+from .testvm import TestVM, migrate_qemu
 
 __all__ = ["run_demo", "main"]
 
@@ -262,13 +262,7 @@ def _migrate_q35(store: Store, source: TestVM) -> TestVM:
             target.extra_args = ("-nic", "none", *plan.device_args)
             target.start()
             async with Monitor(target.qmp_path) as tm:
-                for qemu in (sm, tm):
-                    await qemu.execute("migrate-set-capabilities",
-                                       {"capabilities": [{"capability": "return-path", "state": True}]})
-                await tm.execute("migrate-incoming", {"uri": target.migration_uri})
-                await sm.execute("migrate", {"uri": target.migration_uri})
-                while (status := (await sm.execute("query-migrate"))["status"]) not in ("completed", "failed"):
-                    await asyncio.sleep(0.01)
+                status = (await migrate_qemu(sm, tm, target.migration_uri)).get("status")
                 if status != "completed":
                     raise KvmSlotsError(f"the migration {status}")
                 done = await hotplug.confirm_incoming(store, tm, doc)

@@ -36,6 +36,7 @@ process is killed outright: a test run never leaves a QEMU behind.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import ctypes
@@ -54,10 +55,11 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from kvmslots.errors import GuestBootTimeout, GuestFilesMissing, InvalidSlot, TestVMError
 from kvmslots.guest import BUILD_COMMAND, GUEST_DIR_ENV, PASSTHROUGH_SUBDIR, default_guest_dir
+from kvmslots.monitor import RunsQmp
 
 __all__ = [
     "TestVM",
@@ -77,6 +79,7 @@ __all__ = [
     "NUMA_SRIOV_SERIAL",
     "NUMA_PXB_BUS",
     "write_python_tar",
+    "migrate_qemu",
 ]
 
 KERNEL_NAME = "vmlinuz"
@@ -168,6 +171,33 @@ _PCI_ADDRESS = re.compile(r"([0-9a-f]{4}):([0-9a-f]{2}):([0-9a-f]{2})\.([0-7])")
 
 
 # --- locating the pieces --------------------------------------------------------
+
+
+async def migrate_qemu(
+    source: RunsQmp, target: RunsQmp, uri: str, *, return_path: bool = True, timeout: float = 120.0
+) -> dict[str, Any]:
+    """Live-migrate over QMP, as a lifecycle manager does, and return the source's last ``query-migrate``.
+
+    The target must have been started with ``-incoming defer`` (``TestVM(incoming="defer")``):
+    it gets ``migrate-incoming`` *uri*, the source ``migrate`` *uri*; then the source is polled
+    until the status is ``completed``, ``failed`` or ``cancelled``, or *timeout* seconds passed
+    (the answer then still says ``active``).  ``return-path`` is set on both ends unless
+    *return_path* is false: without it a source says ``completed`` even when the target then
+    refuses the state.
+    """
+    if return_path:
+        for qemu in (source, target):
+            await qemu.execute(
+                "migrate-set-capabilities", {"capabilities": [{"capability": "return-path", "state": True}]}
+            )
+    await target.execute("migrate-incoming", {"uri": uri})
+    await source.execute("migrate", {"uri": uri})
+    deadline = time.monotonic() + timeout
+    while True:
+        info: dict[str, Any] = await source.execute("query-migrate")
+        if info.get("status") in ("completed", "failed", "cancelled") or time.monotonic() > deadline:
+            return info
+        await asyncio.sleep(0.01)
 
 
 def find_guest_files(guest_dir: str | os.PathLike[str] | None = None) -> tuple[Path, Path]:
